@@ -1,0 +1,366 @@
+"""The one door to the kernels and the C++ extension.
+
+Every op is a ``torch.library`` custom op in the ``lowrank_engine`` namespace with a
+registered fake (meta) implementation, so it traces under ``torch.compile(fullgraph=True)``.
+Each op has a pure-PyTorch reference here, used wherever Triton, a GPU or the extension
+is absent.
+
+Backends:
+- whitening: the C++ extension (``lowrank_engine._C``, loaded with ``torch.ops.load_library``)
+  defines ``lowrank_engine::whiten`` / ``whiten_ex`` with ``TORCH_LIBRARY``; when it is
+  missing, the same schema is defined here and served by the reference.
+- covariance / low-rank linear: Triton kernels from ``lowrank_engine.kernels`` on CUDA
+  tensors; the reference elsewhere. ``set_backend("triton")`` forces the kernels (used by
+  the tests under ``TRITON_INTERPRET=1``), ``set_backend("reference")`` forbids them.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+from typing import Optional, Sequence
+
+import torch
+
+logger = logging.getLogger("lowrank_engine")
+
+NAMESPACE = "lowrank_engine"
+_BACKENDS = ("auto", "triton", "reference")
+_backend = os.environ.get("LOWRANK_ENGINE_BACKEND", "auto")
+if _backend not in _BACKENDS:
+    raise ValueError(f"LOWRANK_ENGINE_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
+
+
+# --------------------------------------------------------------------------------------
+# backend selection
+# --------------------------------------------------------------------------------------
+def set_backend(name: str) -> None:
+    """Choose how covariance / low-rank linear ops run: auto | triton | reference."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _triton_kernels():
+    """The Triton kernel package, or None when Triton is not importable."""
+    try:
+        from lowrank_engine import kernels
+    except Exception as exc:  # noqa: BLE001 - a broken triton install must not break the engine
+        logger.debug("Triton kernels unavailable: %s", exc)
+        return None
+    return kernels if kernels.triton_available() else None
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if _backend == "reference":
+        return False
+    kernels = _triton_kernels()
+    if _backend == "triton":
+        if kernels is None:
+            raise RuntimeError("backend 'triton' requested but Triton is not available")
+        return True
+    return kernels is not None and t.is_cuda
+
+
+# --------------------------------------------------------------------------------------
+# C++ extension
+# --------------------------------------------------------------------------------------
+def _load_extension() -> Optional[str]:
+    """Load lowrank_engine._C if it was built; return its path or None."""
+    if os.environ.get("LOWRANK_ENGINE_NO_EXT", "0") == "1":
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
+    for path in candidates:
+        try:
+            torch.ops.load_library(path)
+            return path
+        except (OSError, RuntimeError) as exc:
+            logger.warning("could not load the C++ extension %s (%s); using the PyTorch fallback", path, exc)
+    return None
+
+
+EXTENSION_PATH = _load_extension()
+
+
+def extension_info() -> dict:
+    """Which whitening path is active, for `lowrank-engine info` and logs."""
+    has_cuda = False
+    if EXTENSION_PATH is not None:
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::whiten", "CUDA")
+    return {"loaded": EXTENSION_PATH is not None, "path": EXTENSION_PATH, "cuda": has_cuda}
+
+
+# --------------------------------------------------------------------------------------
+# whitening: H = Q Λ Qᵀ  ->  L = Q Λc^½,  L⁻¹ = Λc^-½ Qᵀ, with Λc = max(Λ, eps_rel·λ_max)
+# --------------------------------------------------------------------------------------
+WHITEN_SCHEMA = "whiten(Tensor H, float eps_rel) -> (Tensor L, Tensor L_inv, Tensor eigenvalues, Tensor info)"
+WHITEN_EX_SCHEMA = (
+    "whiten_ex(Tensor H, float eps_rel) -> "
+    "(Tensor L, Tensor L_inv, Tensor eigenvalues, Tensor clamped_eigenvalues, Tensor num_clamped, Tensor info)"
+)
+# info per matrix: 0 = solved in the input precision, 1 = solved after the fp64 retry.
+
+
+def _check_whiten_input(H: torch.Tensor) -> None:
+    if H.dim() != 3 or H.shape[-1] != H.shape[-2]:
+        raise ValueError(f"whiten: expected H of shape [batch, n, n], got {tuple(H.shape)}")
+    if H.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"whiten: H must be float32 or float64, got {H.dtype}")
+
+
+def whiten_reference(H: torch.Tensor, eps_rel: float):
+    """Pure-PyTorch whitening of a batch of symmetric PSD matrices (see WHITEN_EX_SCHEMA)."""
+    _check_whiten_input(H)
+    batch, n, _ = H.shape
+    L = torch.empty_like(H)
+    L_inv = torch.empty_like(H)
+    evals_out = H.new_empty(batch, n)
+    clamped_out = H.new_empty(batch, n)
+    num_clamped = torch.zeros(batch, dtype=torch.int64, device=H.device)
+    info = torch.zeros(batch, dtype=torch.int32, device=H.device)
+    for i in range(batch):
+        h = H[i]
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(f"whiten: matrix {i} contains NaN or Inf")
+        if not bool((h != 0).any()):
+            raise ValueError(f"whiten: matrix {i} is all zero (no calibration signal)")
+        h = 0.5 * (h + h.mT)
+        evals = evecs = None
+        try:
+            evals, evecs = torch.linalg.eigh(h)
+            if not (torch.isfinite(evals).all() and torch.isfinite(evecs).all()):
+                evals = None
+        except RuntimeError:
+            evals = None
+        if evals is None:  # fp64 retry
+            info[i] = 1
+            evals, evecs = torch.linalg.eigh(h.double())
+        floor = eps_rel * evals.max().clamp_min(0)
+        if floor <= 0:
+            raise ValueError(f"whiten: matrix {i} has no positive eigenvalue")
+        clamped = evals.clamp_min(floor)
+        num_clamped[i] = int((evals < floor).sum())
+        root = clamped.sqrt()
+        L[i] = (evecs * root).to(H.dtype)
+        L_inv[i] = (evecs / root).mT.to(H.dtype)
+        evals_out[i] = evals.to(H.dtype)
+        clamped_out[i] = clamped.to(H.dtype)
+    return L, L_inv, evals_out, clamped_out, num_clamped, info
+
+
+def _whiten_fake(H, eps_rel):
+    return (torch.empty_like(H), torch.empty_like(H), H.new_empty(H.shape[:-1]),
+            H.new_empty(H.shape[:-1], dtype=torch.int32))
+
+
+def _whiten_ex_fake(H, eps_rel):
+    return (torch.empty_like(H), torch.empty_like(H), H.new_empty(H.shape[:-1]), H.new_empty(H.shape[:-1]),
+            H.new_empty(H.shape[:-2], dtype=torch.int64), H.new_empty(H.shape[:-2], dtype=torch.int32))
+
+
+def _whiten_impl(H, eps_rel):
+    L, L_inv, evals, _, _, info = whiten_reference(H, eps_rel)
+    return L, L_inv, evals, info
+
+
+def _whiten_ex_impl(H, eps_rel):
+    return whiten_reference(H, eps_rel)
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops, NAMESPACE) and hasattr(getattr(torch.ops, NAMESPACE), name)
+
+
+# The extension (if loaded) already defined the schemas; otherwise define them here.
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+for _name, _schema, _impl in (("whiten", WHITEN_SCHEMA, _whiten_impl), ("whiten_ex", WHITEN_EX_SCHEMA, _whiten_ex_impl)):
+    if not _has_op(_name):
+        _lib.define(_schema)
+    for _key in ("CPU", "CUDA"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{_name}", _key):
+            _lib.impl(_name, _impl, _key)
+torch.library.register_fake(f"{NAMESPACE}::whiten", _whiten_fake, lib=_lib)
+torch.library.register_fake(f"{NAMESPACE}::whiten_ex", _whiten_ex_fake, lib=_lib)
+
+
+def whiten(H: torch.Tensor, eps_rel: float = 1e-6):
+    """Batched whitening: returns (L, L_inv, eigenvalues, info); accepts [n,n] or [b,n,n]."""
+    squeeze = H.dim() == 2
+    out = torch.ops.lowrank_engine.whiten(H.unsqueeze(0) if squeeze else H, float(eps_rel))
+    return tuple(t[0] for t in out) if squeeze else out
+
+
+def whiten_ex(H: torch.Tensor, eps_rel: float = 1e-6):
+    """Like whiten, plus the clamped eigenvalues and the count clamped per matrix."""
+    squeeze = H.dim() == 2
+    out = torch.ops.lowrank_engine.whiten_ex(H.unsqueeze(0) if squeeze else H, float(eps_rel))
+    return tuple(t[0] for t in out) if squeeze else out
+
+
+# --------------------------------------------------------------------------------------
+# covariance accumulation: A += XᵀX (+ B += X'ᵀX', C += XᵀX'), optional per-token weight
+# --------------------------------------------------------------------------------------
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _check_covariance_args(A, X, weight):
+    if A.dtype != torch.float32 or A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"covariance: accumulators must be square float32, got {tuple(A.shape)} {A.dtype}")
+    if X.shape[-1] != A.shape[0]:
+        raise ValueError(f"covariance: X has {X.shape[-1]} features but the accumulator is {A.shape[0]}×{A.shape[0]}")
+    if weight is not None and weight.numel() != _as_rows(X).shape[0]:
+        raise ValueError(f"covariance: weight has {weight.numel()} entries for {_as_rows(X).shape[0]} tokens")
+
+
+def covariance_reference(A, B, C, X, Xp, weight) -> None:
+    """In-place fp32 accumulation; weight multiplies each token's outer product."""
+    x = _as_rows(X).float()
+    xw = x if weight is None else x * weight.reshape(-1, 1).float()
+    A.addmm_(xw.T, x)
+    if B is not None:
+        xp = _as_rows(Xp).float()
+        xpw = xp if weight is None else xp * weight.reshape(-1, 1).float()
+        B.addmm_(xpw.T, xp)
+        C.addmm_(xw.T, xp)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::covariance_accumulate", mutates_args=("A",))
+def _covariance_single_op(A: torch.Tensor, X: torch.Tensor, weight: Optional[torch.Tensor]) -> None:
+    if _use_triton(X):
+        _triton_kernels().covariance_accumulate(A, None, None, X, None, weight)
+    else:
+        covariance_reference(A, None, None, X, None, weight)
+
+
+@_covariance_single_op.register_fake
+def _(A, X, weight):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::covariance_accumulate_pair", mutates_args=("A", "B", "C"))
+def _covariance_pair_op(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Xp: torch.Tensor,
+                        weight: Optional[torch.Tensor]) -> None:
+    if _use_triton(X):
+        _triton_kernels().covariance_accumulate(A, B, C, X, Xp, weight)
+    else:
+        covariance_reference(A, B, C, X, Xp, weight)
+
+
+@_covariance_pair_op.register_fake
+def _(A, B, C, X, Xp, weight):
+    return None
+
+
+def covariance_accumulate(A: torch.Tensor, X: torch.Tensor, B: Optional[torch.Tensor] = None,
+                          C: Optional[torch.Tensor] = None, Xp: Optional[torch.Tensor] = None,
+                          weight: Optional[torch.Tensor] = None) -> None:
+    """A += XᵀX; with Xp also B += X'ᵀX' and C += XᵀX'. X, Xp: [..., n]; weight: [...] or None.
+
+    A padding mask is a 0/1 weight.
+    """
+    _check_covariance_args(A, X, weight)
+    if Xp is None:
+        if B is not None or C is not None:
+            raise ValueError("covariance: B and C need the second stream Xp")
+        torch.ops.lowrank_engine.covariance_accumulate(A, X, weight)
+        return
+    if B is None or C is None:
+        raise ValueError("covariance: the two-stream form needs both B and C")
+    if Xp.shape != X.shape:
+        raise ValueError(f"covariance: X {tuple(X.shape)} and Xp {tuple(Xp.shape)} differ in shape")
+    for name, acc in (("B", B), ("C", C)):
+        if acc.shape != A.shape or acc.dtype != torch.float32:
+            raise ValueError(f"covariance: {name} must match A ({tuple(A.shape)}, float32)")
+    torch.ops.lowrank_engine.covariance_accumulate_pair(A, B, C, X, Xp, weight)
+
+
+# --------------------------------------------------------------------------------------
+# low-rank linear: y = (x V) Uᵀ + bias, and the grouped form sharing one shrink
+# --------------------------------------------------------------------------------------
+def lowrank_linear_reference(x, V, U, bias):
+    y = torch.matmul(torch.matmul(x, V), U.T)
+    return y if bias is None else y + bias
+
+
+def lowrank_linear_grouped_reference(x, V_cat, Us, biases):
+    t = torch.matmul(x, V_cat)
+    outs, start = [], 0
+    for U, b in zip(Us, biases):
+        k = U.shape[1]
+        y = torch.matmul(t[..., start:start + k], U.T)
+        outs.append(y if b is None else y + b)
+        start += k
+    return outs
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(x: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if _use_triton(x):
+        return _triton_kernels().lowrank_linear(x, V, U, bias)
+    return lowrank_linear_reference(x, V, U, bias)
+
+
+@_lowrank_linear_op.register_fake
+def _(x, V, U, bias):
+    return x.new_empty(*x.shape[:-1], U.shape[0])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lowrank_linear_grouped", mutates_args=())
+def _lowrank_linear_grouped_op(x: torch.Tensor, V_cat: torch.Tensor, Us: list[torch.Tensor],
+                               biases: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    if _use_triton(x):
+        return list(_triton_kernels().lowrank_linear_grouped(x, V_cat, Us, biases))
+    return lowrank_linear_grouped_reference(x, V_cat, Us, biases)
+
+
+@_lowrank_linear_grouped_op.register_fake
+def _(x, V_cat, Us, biases):
+    return [x.new_empty(*x.shape[:-1], U.shape[0]) for U in Us]
+
+
+def _check_lowrank_args(x, V, U, bias):
+    if V.dim() != 2 or U.dim() != 2:
+        raise ValueError("lowrank_linear: V and U must be 2-D")
+    if x.shape[-1] != V.shape[0]:
+        raise ValueError(f"lowrank_linear: x has {x.shape[-1]} features, V is {tuple(V.shape)}")
+    if bias is not None and bias.shape != (U.shape[0],):
+        raise ValueError(f"lowrank_linear: bias must have shape ({U.shape[0]},), got {tuple(bias.shape)}")
+
+
+def lowrank_linear(x: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = (x V) Uᵀ + bias with x [..., n], V (n×k), U (m×k)."""
+    _check_lowrank_args(x, V, U, bias)
+    if V.shape[1] != U.shape[1]:
+        raise ValueError(f"lowrank_linear: V is {tuple(V.shape)} but U is {tuple(U.shape)}")
+    return torch.ops.lowrank_engine.lowrank_linear(x, V, U, bias)
+
+
+def lowrank_linear_grouped(x: torch.Tensor, V_cat: torch.Tensor, Us: Sequence[torch.Tensor],
+                           biases: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
+    """One shared shrink t = x V_cat, then y_i = t[:, slice_i] U_iᵀ + b_i (q/k/v, gate/up)."""
+    biases = list(biases) if biases is not None else [None] * len(Us)
+    if len(biases) != len(Us):
+        raise ValueError("lowrank_linear_grouped: one bias (or None) per U")
+    if sum(U.shape[1] for U in Us) != V_cat.shape[1]:
+        raise ValueError("lowrank_linear_grouped: the ranks of Us must add up to V_cat's columns")
+    for U, b in zip(Us, biases):
+        _check_lowrank_args(x, V_cat, U, b)
+    return torch.ops.lowrank_engine.lowrank_linear_grouped(x, V_cat, list(Us), biases)
