@@ -364,3 +364,24 @@ def lowrank_linear_grouped(x: torch.Tensor, V_cat: torch.Tensor, Us: Sequence[to
     for U, b in zip(Us, biases):
         _check_lowrank_args(x, V_cat, U, b)
     return torch.ops.lowrank_engine.lowrank_linear_grouped(x, V_cat, list(Us), biases)
+
+
+# autograd for the low-rank linear (block refinement trains the factors through the op)
+def _lowrank_setup_context(ctx, inputs, output):
+    x, V, U, bias = inputs
+    ctx.save_for_backward(x, V, U)
+    ctx.has_bias = bias is not None
+
+
+def _lowrank_backward(ctx, grad):
+    x, V, U = ctx.saved_tensors
+    g_u = torch.matmul(grad, U)  # [..., k]
+    t = torch.matmul(x, V)  # [..., k]
+    grad_x = torch.matmul(g_u, V.T)
+    grad_V = _as_rows(x).T @ _as_rows(g_u)
+    grad_U = _as_rows(grad).T @ _as_rows(t)
+    grad_bias = _as_rows(grad).sum(0) if ctx.has_bias else None
+    return grad_x, grad_V, grad_U, grad_bias
+
+
+torch.library.register_autograd(f"{NAMESPACE}::lowrank_linear", _lowrank_backward, setup_context=_lowrank_setup_context)

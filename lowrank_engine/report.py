@@ -1,0 +1,68 @@
+"""Plain-text summary tables, JSON records and the per-layer error plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable, Sequence
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 1000:
+            return f"{value:,.1f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_table(records: Sequence[dict], columns: Sequence[str], markdown: bool = False) -> str:
+    """A fixed-width text table (or a markdown table) of the given columns."""
+    rows = [[_fmt(r.get(c)) for c in columns] for r in records]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join([line, sep, *body])
+
+
+def write_json(records: Iterable[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(list(records), f, indent=2)
+    os.replace(tmp, path)
+
+
+def plot_layer_errors(series: dict, path: str, title: str = "per-block output error") -> str:
+    """series: label → list of (rel_mse, cosine_distance) per block. Writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, values in series.items():
+        blocks = range(len(values))
+        axes[0].plot(blocks, [v[0] for v in values], marker=".", label=label)
+        axes[1].plot(blocks, [v[1] for v in values], marker=".", label=label)
+    axes[0].set(title="relative MSE ‖X'−X‖²/‖X‖²", xlabel="block", yscale="log")
+    axes[1].set(title="cosine distance 1−cos(X, X')", xlabel="block", yscale="log")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,333 @@
+"""One closed-form solver for every method (DESIGN §1).
+
+Every objective is   min_{rank(W')≤k}  tr(W' H W'ᵀ) − 2 tr(W' Pᵀ)
+with H = a·A + b·B and P = W·(c·A + d·C + e·B), over the statistics
+A = XᵀX, B = X'ᵀX', C = XᵀX'. A method is only its coefficients.
+
+Solution: H = L Lᵀ (eigh whitening), G = P L⁻ᵀ, G ≈ U_k Σ_k V_kᵀ,
+U = U_k Σ_k^½ (m×k), V = L⁻ᵀ V_k Σ_k^½ (n×k), so that y ≈ (x V) Uᵀ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from lowrank_engine import ops
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """H = a·A + b·B ;  P = W·(c·A + d·C + e·B)."""
+    a: float
+    b: float
+    c: float
+    d: float
+    e: float
+
+    @property
+    def needs(self) -> frozenset:
+        """Which statistics (A, B, C) the objective reads."""
+        used = set()
+        if self.a or self.c:
+            used.add("A")
+        if self.b or self.e:
+            used.add("B")
+        if self.d:
+            used.add("C")
+        return frozenset(used)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    coefficients: Optional[Coefficients]  # None: plain SVD (H = I, P = W)
+    adaptive_beta: bool = False  # SAES: β chosen per layer by ACES
+    description: str = ""
+
+    @property
+    def needs(self) -> frozenset:
+        if self.adaptive_beta:
+            return frozenset({"B", "C"})
+        return frozenset() if self.coefficients is None else self.coefficients.needs
+
+
+def cealc(beta: float) -> Coefficients:
+    """SAES-SVD CEALC: ‖WX' − W'X'‖² + β‖WX − W'X'‖²."""
+    return Coefficients(a=0.0, b=1.0 + beta, c=0.0, d=beta, e=1.0)
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        Method("svd", None, description="plain SVD, ‖W − W'‖"),
+        Method("svd-llm", Coefficients(1, 0, 1, 0, 0), description="‖WX − W'X‖ (statistics of the dense model)"),
+        Method("shift-aware", Coefficients(0, 1, 0, 0, 1), description="‖WX' − W'X'‖ (Dobi-like)"),
+        Method("aa-svd", Coefficients(0, 1, 0, 1, 0), description="anchored ‖WX − W'X'‖ (AA-SVD stage 1)"),
+        Method("saes", None, adaptive_beta=True, description="CEALC with ACES choosing β per layer"),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# --------------------------------------------------------------------------------------
+# ranks
+# --------------------------------------------------------------------------------------
+def break_even_rank(m: int, n: int) -> int:
+    """Smallest k at which the factor pair stores as many parameters as W."""
+    return math.ceil(m * n / (m + n))
+
+
+def rank_for_ratio(m: int, n: int, ratio: float) -> int:
+    """ratio = fraction of the matrix's parameters REMOVED: k = floor((1−ratio)·m·n/(m+n))."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {ratio}")
+    return max(1, math.floor((1.0 - ratio) * m * n / (m + n)))
+
+
+def check_rank(name: str, m: int, n: int, k: int) -> None:
+    if k < 1:
+        raise ValueError(f"rank for {name} must be ≥ 1, got {k}")
+    if k >= min(m, n):
+        raise ValueError(f"rank {k} for {name} ({m}×{n}) must be < min(m, n) = {min(m, n)}")
+    if k * (m + n) >= m * n:
+        raise ValueError(f"rank {k} for {name} ({m}×{n}) is past break-even ({break_even_rank(m, n)}): "
+                         "the factors would not be smaller than W")
+
+
+# --------------------------------------------------------------------------------------
+# the solver
+# --------------------------------------------------------------------------------------
+@dataclass
+class Whitening:
+    """H = L Lᵀ with L = Q Λc^½; keeps L⁻ᵀ = Q Λc^-½ (n×n)."""
+    L_inv_T: torch.Tensor
+    num_clamped: int
+    retried_fp64: bool
+
+
+def whitening_from_ops(L_inv: torch.Tensor, num_clamped, info) -> Whitening:
+    return Whitening(L_inv_T=L_inv.mT, num_clamped=int(num_clamped), retried_fp64=bool(int(info)))
+
+
+def whiten_many(Hs: list[torch.Tensor], eps_rel: float = 1e-6) -> list[Whitening]:
+    """Whiten several same-sized matrices in one batched op call."""
+    _, L_inv, _, _, num_clamped, info = ops.whiten_ex(torch.stack(Hs), eps_rel)
+    return [whitening_from_ops(L_inv[i], num_clamped[i], info[i]) for i in range(len(Hs))]
+
+
+@dataclass
+class Factors:
+    U: torch.Tensor  # m×k
+    V: torch.Tensor  # n×k
+    sigma: torch.Tensor  # all singular values of G (descending)
+    rank: int
+    beta: Optional[float] = None
+
+    @property
+    def truncation_loss(self) -> float:
+        """Σ_{i>k} σ_i(G)²: the excess of the objective over its unconstrained optimum."""
+        return float((self.sigma[self.rank:] ** 2).sum())
+
+    @property
+    def retained_energy(self) -> float:
+        total = float((self.sigma ** 2).sum())
+        return float((self.sigma[: self.rank] ** 2).sum()) / total if total > 0 else 1.0
+
+
+def factorize_whitened(G: torch.Tensor, L_inv_T: Optional[torch.Tensor], rank: int) -> Factors:
+    """Top-k SVD of the whitened target and the un-whitening of its right factor."""
+    Uf, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    root = S[:rank].sqrt()
+    U = Uf[:, :rank] * root
+    V = Vh[:rank].mT * root
+    if L_inv_T is not None:
+        V = L_inv_T @ V
+    return Factors(U=U, V=V, sigma=S, rank=rank)
+
+
+def solve(W: torch.Tensor, H: Optional[torch.Tensor], P: Optional[torch.Tensor], rank: int,
+          eps_rel: float = 1e-6) -> Factors:
+    """Closed-form minimizer of tr(W'HW'ᵀ) − 2tr(W'Pᵀ) at rank k (H=None: plain SVD of W)."""
+    m, n = W.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, {min(m, n)}], got {rank}")
+    if H is None:
+        return factorize_whitened(W if P is None else P, None, rank)
+    _, L_inv, _, _, num_clamped, info = ops.whiten_ex(H, eps_rel)
+    L_inv_T = L_inv.mT
+    return factorize_whitened(P @ L_inv_T, L_inv_T, rank)
+
+
+def objective(Wp: torch.Tensor, H: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """tr(W'HW'ᵀ) − 2tr(W'Pᵀ)."""
+    return (Wp @ H * Wp).sum() - 2 * (Wp * P).sum()
+
+
+# --------------------------------------------------------------------------------------
+# ACES: β per layer maximizing the retained-energy ratio of G(β) = G0 + β·G1
+# --------------------------------------------------------------------------------------
+BETA_MAX = 8.0
+
+
+def _squared_singular_values(gram: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
+def _rer_from_gram(gram: torch.Tensor, rank: int) -> float:
+    s2 = _squared_singular_values(gram)
+    total = float(s2.sum())
+    return float(s2[:rank].sum()) / total if total > 0 else 1.0
+
+
+def _small_side_grams(G0: torch.Tensor, G1: torch.Tensor):
+    """Gram matrices on the smaller side, so each RER evaluation is one small eigvalsh."""
+    if G0.shape[0] <= G0.shape[1]:
+        return G0 @ G0.mT, G0 @ G1.mT, G1 @ G1.mT
+    return G0.mT @ G0, G0.mT @ G1, G1.mT @ G1
+
+
+def aces_exact(G0: torch.Tensor, G1: torch.Tensor, rank: int, beta_max: float = BETA_MAX,
+               grid: int = 13, refine_steps: int = 12) -> float:
+    """Exact 1-D search of RER(β) on [0, β_max]: log-spaced grid, then golden section."""
+    g00, g01, g11 = _small_side_grams(G0, G1)
+
+    def rer(beta: float) -> float:
+        return _rer_from_gram(g00 + beta * (g01 + g01.mT) + beta * beta * g11, rank)
+
+    betas = [0.0] + [beta_max * 2.0 ** (-i) for i in range(grid - 2, -1, -1)]
+    values = [rer(b) for b in betas]
+    best = max(range(len(betas)), key=values.__getitem__)
+    lo = betas[max(best - 1, 0)]
+    hi = betas[min(best + 1, len(betas) - 1)]
+    invphi = (math.sqrt(5) - 1) / 2
+    x1, x2 = hi - invphi * (hi - lo), lo + invphi * (hi - lo)
+    f1, f2 = rer(x1), rer(x2)
+    for _ in range(refine_steps):
+        if f1 >= f2:
+            hi, x2, f2 = x2, x1, f1
+            x1 = hi - invphi * (hi - lo)
+            f1 = rer(x1)
+        else:
+            lo, x1, f1 = x1, x2, f2
+            x2 = lo + invphi * (hi - lo)
+            f2 = rer(x2)
+    candidates = [(values[best], betas[best]), (f1, x1), (f2, x2)]
+    return max(candidates)[1]
+
+
+def aces_fixed_subspace(G0: torch.Tensor, G1: torch.Tensor, rank: int, beta_max: float = BETA_MAX,
+                        iterations: int = 3, gap_tolerance: float = 0.05) -> float:
+    """Closed-form β with U_k frozen: RER ≈ (a0+2a1β+a2β²)/(b0+2b1β+b2β²).
+
+    Its stationary points solve (a2b1−a1b2)β² + (a2b0−a0b2)β + (a1b0−a0b1) = 0. The frozen
+    subspace is unreliable when σ_k ≈ σ_{k+1}, so β is capped and shrunk toward 0 by
+    gap/(gap+tol) (relative spectral gap), and U_k is refreshed a few times.
+    """
+    b0 = float((G0 * G0).sum())
+    b1 = float((G0 * G1).sum())
+    b2 = float((G1 * G1).sum())
+    beta = 0.0
+    for _ in range(iterations):
+        Gb = G0 + beta * G1
+        Uf, S, _ = torch.linalg.svd(Gb, full_matrices=False)
+        Uk = Uf[:, :rank]
+        P0, P1 = Uk.mT @ G0, Uk.mT @ G1
+        a0, a1, a2 = float((P0 * P0).sum()), float((P0 * P1).sum()), float((P1 * P1).sum())
+
+        def ratio(x: float) -> float:
+            den = b0 + 2 * b1 * x + b2 * x * x
+            return (a0 + 2 * a1 * x + a2 * x * x) / den if den > 0 else 0.0
+
+        qa, qb, qc = a2 * b1 - a1 * b2, a2 * b0 - a0 * b2, a1 * b0 - a0 * b1
+        candidates = [0.0, beta_max]
+        if abs(qa) > 1e-30:
+            disc = qb * qb - 4 * qa * qc
+            if disc >= 0:
+                r = math.sqrt(disc)
+                candidates += [(-qb + r) / (2 * qa), (-qb - r) / (2 * qa)]
+        elif abs(qb) > 1e-30:
+            candidates.append(-qc / qb)
+        candidates = [min(max(c, 0.0), beta_max) for c in candidates if math.isfinite(c)]
+        target = max(candidates, key=ratio)
+        if rank < S.numel() and S[0] > 0:
+            gap = float((S[rank - 1] - S[rank]) / S[0])
+            target *= gap / (gap + gap_tolerance)
+        if abs(target - beta) <= 1e-4 * max(1.0, beta):
+            beta = target
+            break
+        beta = target
+    return beta
+
+
+BETA_SEARCHES: dict[str, Callable[..., float]] = {"exact": aces_exact, "fixed": aces_fixed_subspace}
+
+
+# --------------------------------------------------------------------------------------
+# one group of linears sharing an input: the generic entry point the pipeline calls
+# --------------------------------------------------------------------------------------
+@dataclass
+class GroupStatistics:
+    A: Optional[torch.Tensor] = None
+    B: Optional[torch.Tensor] = None
+    C: Optional[torch.Tensor] = None
+
+
+def _combine(stats: GroupStatistics, terms: tuple[tuple[float, str], ...]) -> Optional[torch.Tensor]:
+    out = None
+    for coef, name in terms:
+        if coef:
+            mat = getattr(stats, name)
+            if mat is None:
+                raise ValueError(f"statistic {name} is required but was not collected")
+            out = coef * mat if out is None else out + coef * mat
+    return out
+
+
+def combine_metric(coeffs: Coefficients, stats: GroupStatistics) -> torch.Tensor:
+    """H = a·A + b·B."""
+    return _combine(stats, ((coeffs.a, "A"), (coeffs.b, "B")))
+
+
+def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[str, int], stats: GroupStatistics,
+                eps_rel: float = 1e-6, beta_search: str = "exact", beta_max: float = BETA_MAX,
+                dtype: torch.dtype = torch.float64, whitening: Optional[Whitening] = None) -> dict[str, Factors]:
+    """Factorize every linear of a group; the whitening is shared by the group (or given, when batched)."""
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    stats = GroupStatistics(cast(stats.A), cast(stats.B), cast(stats.C))
+    Ws = {name: W.to(dtype) for name, W in weights.items()}
+    coeffs = method.coefficients
+    if method.coefficients is None and not method.adaptive_beta:
+        return {name: solve(W, None, None, ranks[name]) for name, W in Ws.items()}
+    if whitening is not None:
+        white = whitening
+    else:
+        # SAES: the metric is (1+β)B for every β, so whiten B once and rescale per layer below
+        H = stats.B if method.adaptive_beta else combine_metric(coeffs, stats)
+        (white,) = whiten_many([H], eps_rel)
+    white = Whitening(white.L_inv_T.to(dtype), white.num_clamped, white.retried_fp64)
+    out = {}
+    for name, W in Ws.items():
+        k = ranks[name]
+        if method.adaptive_beta:
+            if beta_search not in BETA_SEARCHES:
+                raise ValueError(f"unknown beta search {beta_search!r}; choose one of {', '.join(BETA_SEARCHES)}")
+            G0 = W @ (stats.B @ white.L_inv_T)
+            G1 = W @ (stats.C @ white.L_inv_T)
+            beta = BETA_SEARCHES[beta_search](G0, G1, k, beta_max=beta_max)
+            # H = (1+β)B → L = √(1+β) L_B, so G = (G0 + βG1)/√(1+β) and V carries 1/√(1+β).
+            scale = 1.0 / math.sqrt(1.0 + beta)
+            f = factorize_whitened((G0 + beta * G1) * scale, white.L_inv_T * scale, k)
+            f.beta = beta
+        else:
+            M = _combine(stats, ((coeffs.c, "A"), (coeffs.d, "C"), (coeffs.e, "B")))
+            f = factorize_whitened(W @ (M @ white.L_inv_T), white.L_inv_T, k)
+        out[name] = f
+    return out

@@ -1,0 +1,173 @@
+"""The streaming pipeline on tiny LLaMA (GQA), Mistral and Qwen2 models."""
+import os
+
+import pytest
+import torch
+
+from lowrank_engine import pipeline, solvers
+from lowrank_engine.models import UnsupportedArchitecture, block_linears, find_decoder_blocks
+from lowrank_engine.modules import LowRankLinear
+
+from conftest import tiny_model
+
+
+def _ids(n=6, t=24, vocab=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t), generator=g)
+
+
+@torch.no_grad()
+def _rel_err(a, b):
+    return float((a - b).pow(2).sum() / b.pow(2).sum())
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_groups_are_discovered_generically(kind):
+    model = tiny_model(kind)
+    _, blocks = find_decoder_blocks(model)
+    ids = _ids()
+    x, kw = pipeline.capture_block_inputs(model, blocks, ids, 3, "cpu", "cpu")
+    groups = pipeline.discover_groups(blocks[0], x[0], kw[0], "cpu")
+    assert [sorted(g) for g in groups] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("method", sorted(solvers.METHODS))
+def test_every_method_compresses_every_architecture(kind, method):
+    model = tiny_model(kind)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    result = pipeline.compress_model(model, ids, pipeline.CompressionConfig(method=method, ratio=0.3, batch_size=4),
+                                     progress=False)
+    _, blocks = find_decoder_blocks(model)
+    for block in blocks:
+        assert all(isinstance(m, LowRankLinear) for m in block_linears(block).values())
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < 1.0
+    assert len(result.blocks) == len(blocks)
+    assert set(result.ranks) == {f"model.layers.{i}.{n}" for i in range(len(blocks))
+                                 for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    if kind == "qwen2":  # q/k/v biases survive factorization
+        assert blocks[0].self_attn.q_proj.bias is not None
+
+
+def test_data_aware_methods_beat_plain_svd():
+    ids = _ids(8, 32)
+    errors = {}
+    for method in ("svd", "svd-llm", "aa-svd"):
+        model = tiny_model("llama", layers=2)
+        with torch.no_grad():
+            ref = model(ids).logits
+        pipeline.compress_model(model, ids, pipeline.CompressionConfig(method=method, ratio=0.4), progress=False)
+        with torch.no_grad():
+            errors[method] = _rel_err(model(ids).logits, ref)
+    assert errors["svd-llm"] < errors["svd"]
+    assert errors["aa-svd"] < errors["svd"]
+
+
+def test_first_block_svd_llm_is_layerwise_optimal():
+    """Block 0 sees X' = X, so each layer's output error equals Σ_{i>k}σ² of its whitened target."""
+    model = tiny_model("llama", layers=1)
+    ids = _ids(4, 20)
+    _, blocks = find_decoder_blocks(model)
+    x, kw = pipeline.capture_block_inputs(model, blocks, ids, 4, "cpu", "cpu")
+    q = blocks[0].self_attn.q_proj
+    with torch.no_grad():
+        inp = pipeline.group_inputs(blocks[0], "self_attn.q_proj", x[0], kw[0], "cpu").reshape(-1, 48).double()
+    W = q.weight.detach().double().clone()
+    result = pipeline.compress_model(model, ids, pipeline.CompressionConfig(method="svd-llm", ratio=0.5,
+                                                                            solve_dtype="float64"), progress=False)
+    lr = blocks[0].self_attn.q_proj
+    Wp = (lr.U @ lr.V.T).detach().double()
+    err = float(((inp @ W.T - inp @ Wp.T) ** 2).sum())
+    assert err == pytest.approx(result.blocks[0].modules["self_attn.q_proj"]["truncation_loss"], rel=1e-3)
+
+
+def test_rank_map_overrides_ratio_and_is_validated():
+    model = tiny_model("llama")
+    ids = _ids()
+    rank_map = {"model.layers.0.self_attn.q_proj": 3, "model.layers.1.mlp.down_proj": 7}
+    result = pipeline.compress_model(model, ids, pipeline.CompressionConfig(method="svd-llm", ratio=0.5,
+                                                                            rank_map=rank_map), progress=False)
+    assert result.ranks["model.layers.0.self_attn.q_proj"] == 3
+    assert result.ranks["model.layers.1.mlp.down_proj"] == 7
+    with pytest.raises(ValueError, match="break-even"):
+        pipeline.compress_model(tiny_model("llama"), ids, pipeline.CompressionConfig(
+            method="svd-llm", ratio=0.5, rank_map={"model.layers.0.self_attn.q_proj": 40}), progress=False)
+    with pytest.raises(ValueError, match="not compressible"):
+        pipeline.compress_model(tiny_model("llama"), ids, pipeline.CompressionConfig(
+            method="svd-llm", ratio=0.5, rank_map={"model.layers.0.nope": 4}), progress=False)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.2, -0.5])
+def test_bad_ratio_is_rejected(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        pipeline.compress_model(tiny_model("llama"), _ids(), pipeline.CompressionConfig(ratio=ratio), progress=False)
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="unknown method"):
+        pipeline.compress_model(tiny_model("llama"), _ids(), pipeline.CompressionConfig(method="magic"),
+                                progress=False)
+
+
+def test_nan_activation_names_the_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[3] = float("nan")
+    with pytest.raises(pipeline.ActivationError, match="block 1 .*q_proj"):
+        pipeline.compress_model(model, _ids(), pipeline.CompressionConfig(method="svd-llm", ratio=0.3),
+                                progress=False)
+
+
+def test_no_decoder_blocks_lists_supported():
+    with pytest.raises(UnsupportedArchitecture, match="llama"):
+        find_decoder_blocks(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def test_offload_gives_identical_factors():
+    ids = _ids()
+    a, b = tiny_model("llama"), tiny_model("llama")
+    pipeline.compress_model(a, ids, pipeline.CompressionConfig(method="aa-svd", ratio=0.3), progress=False)
+    pipeline.compress_model(b, ids, pipeline.CompressionConfig(method="aa-svd", ratio=0.3, offload=True),
+                            progress=False)
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(ta, tb)
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
+    ids = _ids()
+    cfg = pipeline.CompressionConfig(method="saes", ratio=0.3)
+    full = tiny_model("llama", layers=3)
+    pipeline.compress_model(full, ids, cfg, work_dir=str(tmp_path / "full"), progress=False)
+
+    calls = {"n": 0}
+    original = pipeline.Compressor.compress_block
+
+    def crash_on_third(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args, **kwargs)
+
+    work = str(tmp_path / "run")
+    monkeypatch.setattr(pipeline.Compressor, "compress_block", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.compress_model(tiny_model("llama", layers=3), ids, cfg, work_dir=work, progress=False)
+    assert sorted(os.listdir(os.path.join(work, "blocks"))) == ["block-00000.safetensors", "block-00001.safetensors"]
+    monkeypatch.setattr(pipeline.Compressor, "compress_block", original)
+
+    resumed = tiny_model("llama", layers=3)
+    pipeline.compress_model(resumed, ids, cfg, work_dir=work, progress=False)
+    for (na, ta), (nb, tb) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert na == nb and torch.equal(ta, tb), na
+
+    with pytest.raises(ValueError, match="different settings"):
+        pipeline.compress_model(tiny_model("llama", layers=3), ids,
+                                pipeline.CompressionConfig(method="svd-llm", ratio=0.3), work_dir=work, progress=False)

@@ -1,0 +1,133 @@
+"""The one solver reaches the closed-form optimum; methods are coefficient sets."""
+import math
+
+import pytest
+import torch
+
+from lowrank_engine import solvers
+
+
+def random_spd(n, tokens=None, dtype=torch.float64):
+    X = torch.randn(tokens or 3 * n, n, dtype=dtype)
+    X[:, 0] *= 30.0  # an outlier channel
+    return X.T @ X
+
+
+@pytest.mark.parametrize("m,n,k", [(23, 17, 5), (17, 31, 9), (40, 40, 1)])
+@pytest.mark.parametrize("deficient", [False, True])
+def test_solver_reaches_eckart_young_minimum(m, n, k, deficient):
+    W = torch.randn(m, n, dtype=torch.float64)
+    if deficient:  # fewer tokens than features: H is rank-deficient; P lies in its range
+        X = torch.randn(n // 2, n, dtype=torch.float64)
+        H = X.T @ X
+        P = W @ H
+    else:
+        H = random_spd(n)
+        P = W @ random_spd(n) @ torch.randn(n, n, dtype=torch.float64) * 0.1 + W @ H
+    f = solvers.solve(W, H, P, k, eps_rel=1e-12)
+    Wp = f.U @ f.V.T
+    measured = float(solvers.objective(Wp, H, P))
+    theoretical = -float((f.sigma[:k] ** 2).sum())
+    assert measured == pytest.approx(theoretical, rel=1e-6)
+    # loss above the unconstrained optimum is exactly the truncated energy Σ_{i>k} σ²
+    assert f.truncation_loss == pytest.approx(float((f.sigma[k:] ** 2).sum()))
+    assert f.U.shape == (m, k) and f.V.shape == (n, k)
+
+
+def test_solver_beats_random_rank_k_perturbations():
+    m, n, k = 19, 13, 4
+    W, H = torch.randn(m, n, dtype=torch.float64), random_spd(n)
+    P = W @ H
+    f = solvers.solve(W, H, P, k)
+    best = float(solvers.objective(f.U @ f.V.T, H, P))
+    for _ in range(20):
+        U = f.U + 1e-3 * torch.randn_like(f.U)
+        V = f.V + 1e-3 * torch.randn_like(f.V)
+        assert float(solvers.objective(U @ V.T, H, P)) >= best - 1e-9
+
+
+def test_plain_svd_is_truncated_svd():
+    W = torch.randn(30, 20, dtype=torch.float64)
+    f = solvers.solve(W, None, None, 6)
+    U, S, Vh = torch.linalg.svd(W)
+    ref = (U[:, :6] * S[:6]) @ Vh[:6]
+    torch.testing.assert_close(f.U @ f.V.T, ref)
+
+
+def test_svd_llm_equals_aa_svd_without_shift():
+    """With X' = X the anchored objective reduces to SVD-LLM (DESIGN §1)."""
+    n, m, k = 16, 12, 5
+    X = torch.randn(200, n, dtype=torch.float64)
+    A = X.T @ X
+    stats = solvers.GroupStatistics(A=A, B=A.clone(), C=A.clone())
+    W = {"w": torch.randn(m, n, dtype=torch.float64)}
+    a = solvers.solve_group(solvers.get_method("svd-llm"), W, {"w": k}, stats)["w"]
+    b = solvers.solve_group(solvers.get_method("aa-svd"), W, {"w": k}, stats)["w"]
+    torch.testing.assert_close(a.U @ a.V.T, b.U @ b.V.T)
+
+
+def test_methods_are_coefficient_sets():
+    table = {"svd-llm": (1, 0, 1, 0, 0), "shift-aware": (0, 1, 0, 0, 1), "aa-svd": (0, 1, 0, 1, 0)}
+    for name, coeffs in table.items():
+        c = solvers.get_method(name).coefficients
+        assert (c.a, c.b, c.c, c.d, c.e) == coeffs
+    assert solvers.cealc(2.0) == solvers.Coefficients(0, 3.0, 0, 2.0, 1)
+    with pytest.raises(ValueError, match="unknown method"):
+        solvers.get_method("nope")
+
+
+def _two_stream_stats(n, shift=0.3):
+    X = torch.randn(300, n, dtype=torch.float64)
+    Xp = X + shift * torch.randn_like(X)
+    return X, Xp, solvers.GroupStatistics(A=X.T @ X, B=Xp.T @ Xp, C=X.T @ Xp)
+
+
+@pytest.mark.parametrize("search", ["exact", "fixed"])
+def test_saes_matches_cealc_at_its_chosen_beta(search):
+    n, m, k = 14, 11, 4
+    _, _, stats = _two_stream_stats(n)
+    W = torch.randn(m, n, dtype=torch.float64)
+    f = solvers.solve_group(solvers.get_method("saes"), {"w": W}, {"w": k}, stats, beta_search=search)["w"]
+    assert 0.0 <= f.beta <= solvers.BETA_MAX
+    c = solvers.cealc(f.beta)
+    H = c.b * stats.B
+    P = W @ (c.d * stats.C + c.e * stats.B)
+    direct = solvers.solve(W, H, P, k)
+    torch.testing.assert_close(f.U @ f.V.T, direct.U @ direct.V.T)
+    measured = float(solvers.objective(f.U @ f.V.T, H, P))
+    assert measured == pytest.approx(-float((direct.sigma[:k] ** 2).sum()), rel=1e-6)
+
+
+def test_aces_exact_search_finds_grid_maximum():
+    n, m, k = 12, 10, 3
+    _, _, stats = _two_stream_stats(n, shift=0.8)
+    W = torch.randn(m, n, dtype=torch.float64)
+    (white,) = solvers.whiten_many([stats.B])
+    G0, G1 = W @ stats.B @ white.L_inv_T, W @ stats.C @ white.L_inv_T
+
+    def rer(beta):
+        s = torch.linalg.svdvals(G0 + beta * G1) ** 2
+        return float(s[:k].sum() / s.sum())
+
+    beta = solvers.aces_exact(G0, G1, k)
+    dense_grid = max(rer(b) for b in torch.linspace(0, solvers.BETA_MAX, 400).tolist())
+    assert rer(beta) >= dense_grid - 1e-4
+    fixed = solvers.aces_fixed_subspace(G0, G1, k)
+    assert 0.0 <= fixed <= solvers.BETA_MAX and math.isfinite(fixed)
+
+
+def test_rank_rules():
+    assert solvers.rank_for_ratio(576, 576, 0.2) == math.floor(0.8 * 576 * 576 / 1152)
+    for ratio in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="ratio"):
+            solvers.rank_for_ratio(10, 10, ratio)
+    with pytest.raises(ValueError, match="break-even"):
+        solvers.check_rank("w", 100, 100, 50)
+    with pytest.raises(ValueError, match="min"):
+        solvers.check_rank("w", 100, 10, 10)
+    solvers.check_rank("w", 100, 100, 49)
+    # any ratio in (0,1) stays below break-even
+    for m, n in [(576, 192), (1536, 576), (7, 5)]:
+        for ratio in (0.01, 0.5, 0.99):
+            k = solvers.rank_for_ratio(m, n, ratio)
+            assert k * (m + n) < m * n or k == 1
