@@ -252,3 +252,30 @@ def load(directory: str, device="cpu", trust_remote_code: bool = False):
     find_decoder_blocks(model)  # the architecture must still be one we can stream
     model.to(device).eval()
     return model, cfg
+
+
+def assemble_checkpoint(work_dir: str, output: str, non_block: dict, config, tokenizer, lowrank_config: dict) -> str:
+    """Turn a finished run's per-block files into a sharded checkpoint (hard links, then one rename)."""
+    blocks_dir = os.path.join(work_dir, "blocks")
+    block_files = sorted(f for f in os.listdir(blocks_dir) if f.endswith(".safetensors") and not f.startswith("."))
+    with atomic_directory(output) as tmp:
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        weight_map = {}
+        rest_name = "model-rest.safetensors"
+        atomic_save_tensors(non_block, os.path.join(tmp, rest_name), metadata={"format": "pt"})
+        weight_map.update({name: rest_name for name in non_block})
+        for file in block_files:
+            target = "model-" + file
+            src = os.path.join(blocks_dir, file)
+            try:
+                os.link(src, os.path.join(tmp, target))
+            except OSError:
+                shutil.copyfile(src, os.path.join(tmp, target))
+            with safe_open(os.path.join(tmp, target), framework="pt") as f:
+                weight_map.update({name: target for name in f.keys()})
+        atomic_write_json({"metadata": {"format": "lowrank-engine"}, "weight_map": weight_map},
+                          os.path.join(tmp, INDEX_FILE))
+        atomic_write_json(lowrank_config, os.path.join(tmp, LOWRANK_CONFIG))
+    return output

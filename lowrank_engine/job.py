@@ -82,6 +82,8 @@ def _validate(spec: JobSpec) -> None:
 
 def run_job(spec: JobSpec) -> dict:
     """Returns the summary record (also printed and written as JSON next to the checkpoint)."""
+    from transformers import AutoConfig, AutoTokenizer
+
     _validate(spec)
     output = spec.output or default_output(spec)
     work_dir = os.path.abspath(output) + ".partial"
@@ -91,60 +93,68 @@ def run_job(spec: JobSpec) -> dict:
         raise checkpoint.CheckpointError(f"{work_dir} holds an interrupted run: pass --resume to continue it, "
                                          "or remove it")
     rank_map = read_rank_map(spec.rank_map) if spec.rank_map else None
+    path = models.resolve_model_path(spec.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise models.ModelSourceError(f"cannot load model {spec.model!r}: {str(exc).splitlines()[0]}") from exc
 
-    model, tokenizer = models.load_model(spec.model, trust_remote_code=spec.trust_remote_code)
-    models.find_decoder_blocks(model)
-    calib = data.load_calibration(spec.calibration, tokenizer, spec.nsamples, spec.seqlen, spec.seed, model=model)
+    # the skeleton first: an unsupported architecture fails before any calibration work
+    source = pipeline.LazyBlockSource(path, spec.trust_remote_code, keep_compressed=not spec.save)
+    if spec.calibration == "self":  # sampling needs the whole dense model once, before compression starts
+        dense, _ = models.load_model(path, trust_remote_code=spec.trust_remote_code)
+        calib = data.load_calibration("self", tokenizer, spec.nsamples, spec.seqlen, spec.seed, model=dense.to(spec.device))
+        del dense
+    else:
+        calib = data.load_calibration(spec.calibration, tokenizer, spec.nsamples, spec.seqlen, spec.seed)
     eval_windows = {name: data.evaluation_windows(name, tokenizer, spec.eval_windows.get(name, 64), spec.eval_seqlen)
                     for name in spec.eval_sets}
 
     cfg = pipeline.CompressionConfig(method=spec.method, ratio=spec.ratio, rank_map=rank_map,
                                      beta_search=spec.beta_search, device=spec.device, offload=spec.offload,
                                      batch_size=spec.batch_size)
-    dense_params = models.count_parameters(model)
-    dense_linears = _compressible_parameters(model)
+    dense_linears = sum(p.numel() for b in source.blocks for m in models.block_linears(b).values()
+                        for p in m.parameters())
+    dense_params = models.count_parameters(source.model)
     if spec.save:
         os.makedirs(work_dir, exist_ok=True)
-    result = pipeline.compress_model(model, calib.input_ids, cfg, work_dir=work_dir if spec.save else None,
-                                     progress=spec.progress)
-    counts = models.ParameterCounts(dense_linears, _compressible_parameters(model), dense_params,
-                                    models.count_parameters(model))
+    pipeline.reset_peak_rss()
+    result = pipeline.Compressor(source, cfg, work_dir=work_dir if spec.save else None, progress=spec.progress).run(
+        calib.input_ids)
+    lowrank_config = checkpoint.build_lowrank_config(result.ranks, spec.method, spec.ratio, calib.describe(),
+                                                     {"beta_search": spec.beta_search, "base_model": spec.model})
+    if spec.save:
+        checkpoint.assemble_checkpoint(work_dir, output, source.non_block_state(), config, tokenizer, lowrank_config)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        del source
+        model, _ = checkpoint.load(output, device=spec.device, trust_remote_code=spec.trust_remote_code)
+    else:
+        model = source.model.to(spec.device)
 
     record = {"method": spec.method, "ratio": spec.ratio, "model": spec.model,
-              "compressible_params": counts.compressible_after, "compressible_dense": counts.compressible_dense,
-              "compressible_reduction": counts.compressible_reduction, "model_params": counts.model_after,
-              "model_dense": counts.model_dense, "model_reduction": counts.model_reduction,
+              "compressible_params": _compressible_parameters(model), "compressible_dense": dense_linears,
+              "model_params": models.count_parameters(model), "model_dense": dense_params,
               "compress_seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb, "peak_gpu_mb": result.peak_gpu_mb,
               "stage_seconds": result.stage_seconds, "calibration": calib.describe(), "beta_search": spec.beta_search}
-    model.to(spec.device)
+    record["compressible_reduction"] = 1 - record["compressible_params"] / dense_linears
+    record["model_reduction"] = 1 - record["model_params"] / dense_params
     for name, windows in eval_windows.items():
         record[f"{name}_ppl"] = evaluation.perplexity(model, windows, progress=spec.progress, desc=name)
     if spec.fidelity_samples:
-        # the dense reference is reloaded only now, so it never shares memory with compression
-        dense_model = models.load_model(spec.model, trust_remote_code=spec.trust_remote_code)[0]
+        dense_model = models.load_model(path, trust_remote_code=spec.trust_remote_code)[0].to(spec.device)
         held_out = data.sample_from_model(dense_model, tokenizer, spec.fidelity_samples, spec.fidelity_seqlen,
                                           seed=spec.seed + 10_007)
-        record.update(evaluation.fidelity(dense_model.to(spec.device), model, held_out))
+        record.update(evaluation.fidelity(dense_model, model, held_out))
         del dense_model
     record["layer_errors"] = [(b.output_rel_mse, b.output_cosine_distance) for b in result.blocks]
     record["betas"] = {f"{b.index}.{n}": v["beta"] for b in result.blocks for n, v in b.modules.items()
                        if v.get("beta") is not None}
-
     if spec.save:
-        with checkpoint.atomic_directory(output) as tmp:
-            model.config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            checkpoint.atomic_save_tensors(checkpoint.state_dict_for_saving(model),
-                                           os.path.join(tmp, checkpoint.SINGLE_FILE), metadata={"format": "pt"})
-            report.write_json([record], os.path.join(tmp, "results.json"))
-            if spec.plot:
-                report.plot_layer_errors({f"{spec.method} r={spec.ratio}": record["layer_errors"]},
-                                         os.path.join(tmp, "layer_error.png"))
-            checkpoint.atomic_write_json(
-                checkpoint.build_lowrank_config(result.ranks, spec.method, spec.ratio, calib.describe(),
-                                                {"beta_search": spec.beta_search}),
-                os.path.join(tmp, checkpoint.LOWRANK_CONFIG))
-        shutil.rmtree(work_dir, ignore_errors=True)
+        report.write_json([record], os.path.join(output, "results.json"))
+        if spec.plot:
+            report.plot_layer_errors({f"{spec.method} r={spec.ratio}": record["layer_errors"]},
+                                     os.path.join(output, "layer_error.png"))
         record["output"] = output
     return record
 

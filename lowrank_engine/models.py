@@ -133,7 +133,13 @@ def resolve_model_path(spec: str) -> str:
         raise ModelSourceError(f"{spec} is a file, not a checkpoint directory")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/"):
         raise ModelSourceError(f"model path {spec} does not exist")
-    return spec  # a hub id: transformers resolves (and caches) it
+    try:  # a hub id: download (and cache) a local snapshot, so blocks can be streamed from its shards
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, auth: one clear line
+        raise ModelSourceError(f"model {spec!r} is not a local directory and cannot be fetched from the hub "
+                               f"({type(exc).__name__})") from exc
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

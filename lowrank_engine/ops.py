@@ -167,7 +167,7 @@ def whiten_reference(H: torch.Tensor, eps_rel: float):
 
 def _whiten_fake(H, eps_rel):
     return (torch.empty_like(H), torch.empty_like(H), H.new_empty(H.shape[:-1]),
-            H.new_empty(H.shape[:-1], dtype=torch.int32))
+            H.new_empty(H.shape[:-2], dtype=torch.int32))
 
 
 def _whiten_ex_fake(H, eps_rel):
@@ -314,7 +314,7 @@ def lowrank_linear_grouped_reference(x, V_cat, Us, biases):
 @torch.library.custom_op(f"{NAMESPACE}::lowrank_linear", mutates_args=())
 def _lowrank_linear_op(x: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if _use_triton(x):
-        return _triton_kernels().lowrank_linear(x, V, U, bias)
+        return _triton_kernels().lowrank_forward(x, V, U, bias)
     return lowrank_linear_reference(x, V, U, bias)
 
 
@@ -327,7 +327,7 @@ def _(x, V, U, bias):
 def _lowrank_linear_grouped_op(x: torch.Tensor, V_cat: torch.Tensor, Us: list[torch.Tensor],
                                biases: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
     if _use_triton(x):
-        return list(_triton_kernels().lowrank_linear_grouped(x, V_cat, Us, biases))
+        return list(_triton_kernels().lowrank_forward_grouped(x, V_cat, Us, biases))
     return lowrank_linear_grouped_reference(x, V_cat, Us, biases)
 
 

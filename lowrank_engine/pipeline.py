@@ -78,8 +78,40 @@ class _StopForward(Exception):
     pass
 
 
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM) so a stage's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def move_non_block_tensors(model: nn.Module, blocks_name: str, device) -> None:
+    """Put embeddings, final norm and head on `device`; blocks stay where they are (tied weights stay tied)."""
+    moved: dict[int, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if name == blocks_name or name.startswith(blocks_name + "."):
+            continue
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if param.device != torch.device(device):
+                if id(param) not in moved:
+                    moved[id(param)] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
+                module._parameters[pname] = moved[id(param)]
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None:
+                module._buffers[bname] = buf.to(device)
 
 
 def _first(out):
@@ -233,6 +265,47 @@ class BlockSource:
 
     def release(self, index: int, compressed: nn.Module) -> None:
         self.blocks[index] = compressed.to("cpu")
+
+
+class LazyBlockSource(BlockSource):
+    """Streams a safetensors checkpoint: the skeleton lives on `meta`, each block is read when needed.
+
+    Memory is set by one block plus the non-block tensors (embeddings, norms, head), whatever
+    the depth. A released block goes back to `meta` when its factors are on disk (`keep=False`).
+    """
+
+    def __init__(self, directory: str, trust_remote_code: bool = False, keep_compressed: bool = False):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        model = checkpoint.empty_model_from_config(config, trust_remote_code)
+        super().__init__(model)
+        self.directory, self.keep_compressed = directory, keep_compressed
+        self.files = checkpoint.tensor_files(directory)
+        prefix = self.blocks_name + "."
+        expected = set(model.state_dict())
+        rest = [n for n in expected if not n.startswith(prefix) and n in self.files]
+        model.load_state_dict(checkpoint.read_tensors(self.files, rest), strict=False, assign=True)
+        checkpoint.tie_output_embeddings(model)
+        missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+        if missing:
+            raise checkpoint.CheckpointError(f"{directory} lacks tensors: {missing[:5]}")
+        model.eval()
+
+    def non_block_state(self) -> dict:
+        prefix = self.blocks_name + "."
+        return {n: t for n, t in checkpoint.state_dict_for_saving(self.model).items() if not n.startswith(prefix)}
+
+    def materialize(self, index: int, device) -> nn.Module:
+        prefix = f"{self.blocks_name}.{index}."
+        block = self.blocks[index]
+        names = [prefix + n for n in block.state_dict()]
+        state = checkpoint.read_tensors(self.files, names, device=device)
+        block.load_state_dict({n[len(prefix):]: t for n, t in state.items()}, assign=True)
+        return block
+
+    def release(self, index: int, compressed: nn.Module) -> None:
+        self.blocks[index] = compressed.to("cpu") if self.keep_compressed else compressed.to("meta")
 
 
 def _solve_dtype(cfg: CompressionConfig) -> torch.dtype:
@@ -397,6 +470,7 @@ class Compressor:
             validate_rank_map(cfg.rank_map, {f"{src.blocks_name}.{i}.{n}": m for i in range(len(src.blocks))
                                              for n, m in block_linears(src.blocks[i]).items()})
         done = self._resume_state()
+        move_non_block_tensors(src.model, src.blocks_name, self.device)
         with self._timed_global("capture"):
             x_stream, kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device,
                                                     self.stream_device)

@@ -2,6 +2,7 @@ import os
 
 # Triton kernels run on the CPU through the interpreter; this must precede any kernel import.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see lowrank_engine/__init__.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -42,3 +43,35 @@ def tiny_model(kind: str = "llama", layers: int = 2, seed: int = 0, **overrides)
 @pytest.fixture
 def make_model():
     return tiny_model
+
+
+SAMPLE_TEXT = (
+    "The engine compresses the linear layers of a transformer into low-rank factor pairs. "
+    "Calibration text flows through the model one block at a time, and the statistics of each "
+    "group of linears are accumulated in float32 before whitening and a truncated SVD. "
+) * 40
+
+
+def tiny_tokenizer():
+    """A small BPE tokenizer trained on the fly (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([SAMPLE_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny LLaMA (GQA) checkpoint with a tokenizer, plus a calibration text file."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama", layers=2)
+    tokenizer = tiny_tokenizer()
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "calib.txt").write_text(SAMPLE_TEXT)
+    return root

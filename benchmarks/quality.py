@@ -1,0 +1,258 @@
+"""Quality benchmark on the DESIGN §4 protocol ("smollm2-cpu-v1").
+
+SmolLM2-135M-Instruct (fp32, dequantized from the packaged GGUF), 64×512 C4 calibration
+windows (seed 0), WikiText-2 (128 windows) and C4 (64 windows) perplexity at 512 tokens.
+Every configuration runs in its own process, so its peak RSS is its own. Finished
+configurations are cached in --runs-dir, so an interrupted benchmark resumes.
+
+    python benchmarks/quality.py                       # the full table
+    python benchmarks/quality.py --quick               # a few minutes on 2 cores (CI smoke test)
+    python benchmarks/quality.py --memory              # peak RSS: SmolLM2 vs a 4x deeper random model
+
+Writes quality.md, quality.json and quality_layer_error.png to --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROTOCOL = "smollm2-cpu-v1"
+DENSE_REFERENCE = {"wikitext2_ppl": 30.47, "c4_ppl": 34.71}
+PEERS = {  # the published AA-SVD code on this protocol (WikiText-2 / C4)
+    "svd-llm": {0.2: (211.4, 138.4), 0.4: (1201.8, 505.0), 0.6: (4339.6, 1706.7)},
+    "aa-svd": {0.2: (301.2, 174.2), 0.4: (706.3, 333.6), 0.6: (1943.9, 834.1)},
+}
+DEFAULT_METHODS = "svd,svd-llm,aa-svd,saes,saes:fixed"
+
+
+def parse_method(spec: str) -> tuple[str, str]:
+    """'saes:fixed' → ('saes', 'fixed'); other methods use the exact β search."""
+    method, _, search = spec.partition(":")
+    return method, search or "exact"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+# --------------------------------------------------------------------------------------
+# one configuration (runs in a child process)
+# --------------------------------------------------------------------------------------
+def run_one(args) -> dict:
+    from lowrank_engine import data, evaluation, models, pipeline  # first: it sets OMP_WAIT_POLICY before torch
+
+    import torch
+    from transformers import AutoTokenizer
+
+    method, search = parse_method(args.one)
+    path = models.resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    windows = {"wikitext2": data.evaluation_windows("wikitext2", tokenizer, args.wikitext_windows, args.eval_seqlen),
+               "c4": data.evaluation_windows("c4", tokenizer, args.c4_windows, args.eval_seqlen)}
+    record = {"method": args.one, "ratio": args.ratio, "protocol": args.protocol, "device": device_name(),
+              "calibration": f"c4 {args.nsamples}x{args.seqlen} seed {args.seed}",
+              "threads": torch.get_num_threads()}
+    source = pipeline.LazyBlockSource(path, keep_compressed=True)
+    if method == "dense":
+        for i in range(len(source.blocks)):
+            source.materialize(i, "cpu")
+        record.update(compress_seconds=0.0, peak_rss_mb=None)
+    else:
+        calib = data.load_calibration("c4", tokenizer, args.nsamples, args.seqlen, args.seed)
+        cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, beta_search=search,
+                                         batch_size=args.batch_size, device=args.device)
+        pipeline.reset_peak_rss()
+        result = pipeline.Compressor(source, cfg, progress=not args.quiet).run(calib.input_ids)
+        record.update(compress_seconds=round(result.seconds, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
+                      stage_seconds={k: round(v, 1) for k, v in result.stage_seconds.items()},
+                      layer_errors=[(b.output_rel_mse, b.output_cosine_distance) for b in result.blocks])
+        betas = [v["beta"] for b in result.blocks for v in b.modules.values() if v.get("beta") is not None]
+        if betas:
+            record["beta_mean"] = sum(betas) / len(betas)
+    model = source.model.to(args.device)
+    for name, w in windows.items():
+        record[f"{name}_ppl"] = evaluation.perplexity(model, w, progress=not args.quiet, desc=name)
+    return record
+
+
+# --------------------------------------------------------------------------------------
+# the table (parent process)
+# --------------------------------------------------------------------------------------
+def child_command(args, method: str, ratio: float) -> list:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--ratio", str(ratio),
+           "--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+           "--seed", str(args.seed), "--wikitext-windows", str(args.wikitext_windows),
+           "--c4-windows", str(args.c4_windows), "--eval-seqlen", str(args.eval_seqlen),
+           "--batch-size", str(args.batch_size), "--device", args.device, "--protocol", args.protocol]
+    return cmd + (["--quiet"] if args.quiet else [])
+
+
+def run_configs(args, configs: list) -> list:
+    os.makedirs(args.runs_dir, exist_ok=True)
+    records = []
+    for method, ratio in configs:
+        cache = os.path.join(args.runs_dir, f"{args.protocol}_{method.replace(':', '-')}_{ratio}.json")
+        if os.path.exists(cache):
+            with open(cache) as f:
+                records.append(json.load(f))
+            continue
+        print(f"[quality] {method} ratio {ratio} ...", flush=True)
+        start = time.time()
+        with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+            proc = subprocess.run(child_command(args, method, ratio) + ["--record", out.name])
+            if proc.returncode != 0:
+                raise SystemExit(f"[quality] {method} ratio {ratio} failed with exit code {proc.returncode}")
+            record = json.load(open(out.name))
+        record["wall_seconds"] = round(time.time() - start, 1)
+        with open(cache, "w") as f:
+            json.dump(record, f)
+        records.append(record)
+        print(f"[quality] {method} {ratio}: wikitext2 {record['wikitext2_ppl']:.2f}  c4 {record['c4_ppl']:.2f}  "
+              f"({record['compress_seconds']} s)", flush=True)
+    return records
+
+
+def cached_records(args) -> list:
+    """Every finished configuration of this protocol (earlier invocations included), in table order."""
+    records = []
+    for name in os.listdir(args.runs_dir):
+        if name.startswith(args.protocol + "_") and name.endswith(".json"):
+            with open(os.path.join(args.runs_dir, name)) as f:
+                records.append(json.load(f))
+    order = {m: i for i, m in enumerate(["dense", "svd", "svd-llm", "shift-aware", "aa-svd", "saes", "saes:fixed"])}
+    return sorted(records, key=lambda r: (r["ratio"] if r["method"] != "dense" else -1, order.get(r["method"], 99)))
+
+
+def write_outputs(args, records: list) -> None:
+    from lowrank_engine.report import format_table, plot_layer_errors, write_json
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    flat = []
+    for r in records:
+        flat.append({k: r.get(k) for k in ("method", "ratio", "wikitext2_ppl", "c4_ppl", "compress_seconds",
+                                           "peak_rss_mb", "protocol", "device", "calibration", "beta_mean")})
+        peer = PEERS.get(r["method"], {}).get(r["ratio"])
+        if peer:
+            flat[-1]["peer_wikitext2_ppl"], flat[-1]["peer_c4_ppl"] = peer
+    write_json(flat, os.path.join(args.out_dir, "quality.json"))
+    columns = ("method", "ratio", "wikitext2_ppl", "c4_ppl", "peer_wikitext2_ppl", "peer_c4_ppl",
+               "compress_seconds", "peak_rss_mb")
+    table = format_table(flat, columns)
+    print("\n" + table)
+    device = flat[0]["device"] if flat else "?"
+    md = [f"# Quality: protocol {args.protocol}", "",
+          f"Model {args.model}; calibration C4 {args.nsamples}×{args.seqlen} (seed {args.seed}); "
+          f"WikiText-2 {args.wikitext_windows} and C4 {args.c4_windows} windows of {args.eval_seqlen} tokens. "
+          f"Ratio = fraction of compressible-linear parameters removed. Device: {device}. "
+          f"Dense reference (DESIGN §4): {DENSE_REFERENCE['wikitext2_ppl']} / {DENSE_REFERENCE['c4_ppl']}. "
+          "peer_* columns: the published AA-SVD code on the same protocol. saes:fixed = ACES fixed-subspace β.",
+          "", format_table(flat, columns, markdown=True), ""]
+    with open(os.path.join(args.out_dir, "quality.md"), "w") as f:
+        f.write("\n".join(md))
+    series = {r["method"]: r["layer_errors"] for r in records
+              if r.get("layer_errors") and abs(r["ratio"] - args.plot_ratio) < 1e-9}
+    if series:
+        plot_layer_errors(series, os.path.join(args.out_dir, "quality_layer_error.png"),
+                          title=f"per-block output error vs dense, ratio {args.plot_ratio} ({args.protocol})")
+
+
+def run_memory(args) -> None:
+    """Peak RSS while compressing SmolLM2-135M and a 4x deeper random model of the same width."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowrank_engine import models
+    from lowrank_engine.report import format_table, write_json
+
+    base = models.resolve_model_path(args.model)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = AutoConfig.from_pretrained(base)
+        config.num_hidden_layers *= 4
+        torch.manual_seed(0)
+        deep = AutoModelForCausalLM.from_config(config)
+        deep.save_pretrained(tmp)
+        del deep
+        for label, path in (("smollm2-135m", args.model), (f"random {config.num_hidden_layers} blocks", tmp)):
+            for src in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if path == tmp and os.path.exists(os.path.join(base, src)):
+                    import shutil
+                    shutil.copy(os.path.join(base, src), tmp)
+            with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+                cmd = child_command(args, "svd-llm", 0.4)
+                cmd[cmd.index("--model") + 1] = path
+                cmd += ["--record", out.name, "--protocol", "memory"]
+                subprocess.run(cmd, check=True)
+                r = json.load(open(out.name))
+            records.append({"model": label, "method": "svd-llm", "ratio": 0.4, "calibration": r["calibration"],
+                            "peak_rss_mb": r["peak_rss_mb"], "compress_seconds": r["compress_seconds"],
+                            "device": r["device"]})
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(records, os.path.join(args.out_dir, "quality_memory.json"))
+    table = format_table(records, ("model", "method", "ratio", "calibration", "peak_rss_mb", "compress_seconds"))
+    print("\n" + table)
+    with open(os.path.join(args.out_dir, "quality_memory.md"), "w") as f:
+        f.write("# Peak RSS while compressing (blocks streamed from safetensors)\n\n"
+                + format_table(records, ("model", "method", "ratio", "calibration", "peak_rss_mb",
+                                         "compress_seconds"), markdown=True) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; 'saes:fixed' = fixed-subspace ACES")
+    p.add_argument("--ratios", default="0.2,0.4,0.6")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wikitext-windows", type=int, default=128)
+    p.add_argument("--c4-windows", type=int, default=64)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default=None, help="default benchmarks/results (benchmarks/results/quick with --quick)")
+    p.add_argument("--runs-dir", default=None, help="cache of finished configurations (resumable)")
+    p.add_argument("--plot-ratio", type=float, default=0.4)
+    p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation: a smoke test")
+    p.add_argument("--memory", action="store_true", help="the peak-RSS comparison instead of the quality table")
+    p.add_argument("--skip-dense", action="store_true", help="do not (re)run the dense row")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--protocol", default=PROTOCOL, help=argparse.SUPPRESS)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ratio", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--record", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        record = run_one(args)
+        with open(args.record, "w") as f:
+            json.dump(record, f)
+        return
+    if args.quick:
+        args.methods, args.ratios = "svd-llm,saes", "0.4"
+        args.nsamples, args.seqlen, args.wikitext_windows, args.c4_windows = 8, 128, 4, 4
+        args.protocol = "smollm2-cpu-quick"
+    args.out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")
+    args.runs_dir = args.runs_dir or os.path.join(args.out_dir, "runs")
+    if args.memory:
+        args.nsamples, args.seqlen = min(args.nsamples, 16), min(args.seqlen, 512)
+        args.wikitext_windows = args.c4_windows = 1
+        return run_memory(args)
+    configs = [(m, float(r)) for r in args.ratios.split(",") for m in args.methods.split(",")]
+    if not args.skip_dense:
+        configs.append(("dense", 0.0))
+    run_configs(args, configs)
+    write_outputs(args, cached_records(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The CLI end to end on a tiny local checkpoint, and its one-line errors on bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from lowrank_engine import checkpoint, cli
+
+
+def run_cli(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def _compress_args(ckpt, out, *extra):
+    return ["compress", "--model", ckpt / "model", "--calibration", ckpt / "calib.txt", "--nsamples", 4,
+            "--seqlen", 32, "--output", out, "--quiet", "--fidelity-samples", 2, *extra]
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "aa-svd", "saes"])
+def test_compress_eval_roundtrip(tiny_checkpoint, tmp_path, capsys, method):
+    out = tmp_path / "out"
+    assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", method, "--ratio", 0.3,
+                                   "--json", tmp_path / "r.json")) == 0
+    text = capsys.readouterr().out
+    assert "method" in text and method in text and "compressible" in text
+    record = json.loads((tmp_path / "r.json").read_text())[0]
+    assert record["method"] == method and 0 < record["compressible_reduction"] < 1
+    assert record["kl"] >= 0 and 0 <= record["top1_agreement"] <= 1
+    assert (out / "layer_error.png").exists() and (out / checkpoint.INDEX_FILE).exists()
+    assert not os.path.exists(str(out) + ".partial")
+    model, cfg = checkpoint.load(str(out))
+    assert cfg["method"] == method and cfg["calibration"]["nsamples"] == 4
+    assert run_cli("eval", "--model", out, "--eval-sets", "", "--dense", tiny_checkpoint / "model",
+                   "--fidelity-samples", 2) == 0
+
+
+def test_streamed_result_matches_in_memory_pipeline(tiny_checkpoint, tmp_path):
+    """The lazy, per-block-file path gives the same factors as compressing the model in memory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank_engine import data, pipeline
+
+    out = tmp_path / "out"
+    assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "aa-svd", "--fidelity-samples", 0)) == 0
+    streamed, _ = checkpoint.load(str(out))
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint / "model")
+    calib = data.load_calibration(str(tiny_checkpoint / "calib.txt"), tok, 4, 32, 0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint / "model").eval()
+    pipeline.compress_model(model, calib.input_ids, pipeline.CompressionConfig(method="aa-svd", ratio=0.2),
+                            progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(calib.input_ids).logits, streamed(calib.input_ids).logits)
+
+
+def _assert_one_line_error(capsys, pattern):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowrank-engine: error:") and len(err.splitlines()) == 1, err
+    assert pattern in err, err
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--ratio", "1.5"], "ratio"),
+    (["--ratio", "0"], "ratio"),
+    (["--method", "magic"], "invalid choice"),
+])
+def test_bad_arguments(tiny_checkpoint, tmp_path, capsys, extra, pattern):
+    out = tmp_path / "out"
+    if "--method" in extra:
+        with pytest.raises(SystemExit) as exc:
+            run_cli(*_compress_args(tiny_checkpoint, out, *extra))
+        assert exc.value.code != 0
+        assert pattern in capsys.readouterr().err
+    else:
+        assert run_cli(*_compress_args(tiny_checkpoint, out, *extra)) == 2
+        _assert_one_line_error(capsys, pattern)
+    assert not out.exists() and not os.path.exists(str(out) + ".partial")
+
+
+def test_missing_model_path(tmp_path, capsys):
+    assert run_cli("compress", "--model", tmp_path / "nope", "--output", tmp_path / "o", "--quiet") == 2
+    _assert_one_line_error(capsys, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_and_short_calibration_files(tiny_checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    args = ["compress", "--model", tiny_checkpoint / "model", "--output", tmp_path / "o", "--quiet"]
+    assert run_cli(*args, "--calibration", empty) == 2
+    _assert_one_line_error(capsys, "empty")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    assert run_cli(*args, "--calibration", short, "--seqlen", 64) == 2
+    _assert_one_line_error(capsys, "fewer than one window")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_rank_past_break_even_is_refused(tiny_checkpoint, tmp_path, capsys):
+    rank_map = tmp_path / "ranks.json"
+    rank_map.write_text(json.dumps({"model.layers.0.self_attn.q_proj": 30}))
+    assert run_cli(*_compress_args(tiny_checkpoint, tmp_path / "o", "--rank-map", rank_map)) == 2
+    _assert_one_line_error(capsys, "break-even")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    d = tmp_path / "weird"
+    d.mkdir()
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(d)  # Conv1D, no nn.Linear blocks
+    from transformers import GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(d)
+    from conftest import tiny_tokenizer
+    tiny_tokenizer().save_pretrained(d)
+    capsys.readouterr()
+    assert run_cli("compress", "--model", d, "--calibration", "self", "--nsamples", 1, "--seqlen", 4,
+                   "--output", tmp_path / "o", "--quiet") == 2
+    _assert_one_line_error(capsys, "no decoder blocks found")
+
+
+def test_corrupt_checkpoint_on_eval(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "svd", "--fidelity-samples", 0)) == 0
+    shard = sorted(p for p in out.iterdir() if p.name.startswith("model-block"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    assert run_cli("eval", "--model", out, "--eval-sets", "") == 2
+    _assert_one_line_error(capsys, "corrupt or truncated")
+
+
+def test_existing_output_and_resume_guard(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_cli(*_compress_args(tiny_checkpoint, out)) == 2
+    _assert_one_line_error(capsys, "already exists")
+    out.rmdir()
+    (tmp_path / "out.partial").mkdir()
+    assert run_cli(*_compress_args(tiny_checkpoint, out)) == 2
+    _assert_one_line_error(capsys, "--resume")
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--method", "--ratio", "--rank-map", "--calibration", "--nsamples", "--seqlen",
+                 "--seed", "--beta-search", "--device", "--offload", "--output", "--resume", "--eval-sets"):
+        assert flag in text
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "whitening:" in text and "triton" in text

@@ -1,0 +1,104 @@
+"""The ops layer: references against float64, schemas (opcheck), torch.compile, input checks."""
+import pytest
+import torch
+
+from lowrank_engine import ops
+from lowrank_engine.modules import LowRankLinear
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    with ops.backend("reference"):
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_lowrank_linear_reference_against_float64(dtype):
+    x = torch.randn(3, 5, 37)
+    V, U, b = torch.randn(37, 5), torch.randn(29, 5), torch.randn(29)
+    y = ops.lowrank_linear(x.to(dtype), V.to(dtype), U.to(dtype), b.to(dtype))
+    ref = (x.double() @ V.double()) @ U.double().T + b.double()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def test_grouped_shares_one_shrink():
+    x = torch.randn(4, 19, dtype=torch.float64)
+    Us = [torch.randn(7, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)]
+    V_cat = torch.randn(19, 5, dtype=torch.float64)
+    ys = ops.lowrank_linear_grouped(x, V_cat, Us, [None, torch.randn(5, dtype=torch.float64)])
+    torch.testing.assert_close(ys[0], x @ V_cat[:, :3] @ Us[0].T)
+    with pytest.raises(ValueError, match="add up"):
+        ops.lowrank_linear_grouped(x, V_cat, Us[:1])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_covariance_reference_against_float64(weighted):
+    X, Xp = torch.randn(2, 13, 11), torch.randn(2, 13, 11)
+    w = torch.rand(2, 13) if weighted else None
+    A0, B0, C0 = (torch.randn(11, 11) for _ in range(3))
+    A, B, C = A0.clone(), B0.clone(), C0.clone()
+    ops.covariance_accumulate(A, X, B, C, Xp, weight=w)
+    x, xp = X.reshape(-1, 11).double(), Xp.reshape(-1, 11).double()
+    ww = torch.ones(26, dtype=torch.float64) if w is None else w.reshape(-1).double()
+    torch.testing.assert_close(A.double(), A0.double() + (x * ww[:, None]).T @ x, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(B.double(), B0.double() + (xp * ww[:, None]).T @ xp, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(C.double(), C0.double() + (x * ww[:, None]).T @ xp, rtol=1e-5, atol=1e-4)
+
+
+def test_covariance_rejects_bad_input():
+    with pytest.raises(ValueError, match="float32"):
+        ops.covariance_accumulate(torch.zeros(3, 3, dtype=torch.float64), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="features"):
+        ops.covariance_accumulate(torch.zeros(3, 3), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="both B and C"):
+        ops.covariance_accumulate(torch.zeros(3, 3), torch.randn(4, 3), B=torch.zeros(3, 3), Xp=torch.randn(4, 3))
+    with pytest.raises(ValueError, match="weight"):
+        ops.covariance_accumulate(torch.zeros(3, 3), torch.randn(4, 3), weight=torch.ones(5))
+
+
+def test_opcheck_reference_ops():
+    x, V, U, b = torch.randn(2, 6, 9), torch.randn(9, 4), torch.randn(7, 4), torch.randn(7)
+    torch.library.opcheck(torch.ops.lowrank_engine.lowrank_linear.default, (x, V, U, b))
+    torch.library.opcheck(torch.ops.lowrank_engine.lowrank_linear_grouped.default,
+                          (x, V, [U[:, :2], U[:3, 2:]], [None, b[:3]]))
+    X, Xp = torch.randn(10, 5), torch.randn(10, 5)
+    torch.library.opcheck(torch.ops.lowrank_engine.covariance_accumulate.default,
+                          (torch.randn(5, 5), X, torch.rand(10)))
+    torch.library.opcheck(torch.ops.lowrank_engine.covariance_accumulate_pair.default,
+                          (torch.randn(5, 5), torch.randn(5, 5), torch.randn(5, 5), X, Xp, None))
+    H = torch.randn(2, 6, 6, dtype=torch.float64)
+    H = H @ H.mT
+    torch.library.opcheck(torch.ops.lowrank_engine.whiten.default, (H, 1e-6))
+
+
+def test_compiled_model_with_lowrank_linear_fullgraph():
+    torch._dynamo.reset()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = LowRankLinear.from_factors(torch.randn(16, 3), torch.randn(12, 3), torch.randn(16))
+            self.b = LowRankLinear.from_factors(torch.randn(5, 2), torch.randn(16, 2))
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    net = Net()
+    x = torch.randn(2, 7, 12)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), net(x))
+
+
+def test_whiten_reference_against_float64_eigh():
+    X = torch.randn(10, 24, dtype=torch.float64)  # rank-deficient: 10 tokens, 24 features
+    H = (X.T @ X).unsqueeze(0)
+    L, L_inv, evals, clamped, count, info = ops.whiten_reference(H, 1e-6)
+    ref_evals = torch.linalg.eigvalsh(H[0])
+    torch.testing.assert_close(evals[0], ref_evals)
+    torch.testing.assert_close(clamped[0], ref_evals.clamp_min(1e-6 * ref_evals.max()))
+    assert int(count[0]) == int((ref_evals < 1e-6 * ref_evals.max()).sum()) >= 14
+    torch.testing.assert_close(L[0] @ L[0].T, H[0] + (L[0] @ L[0].T - H[0]).detach() * 0, atol=1e-6 * float(ref_evals.max()),
+                               rtol=0)
+    torch.testing.assert_close(L_inv[0] @ L[0], torch.eye(24, dtype=torch.float64))
+    assert torch.isfinite(L).all() and torch.isfinite(L_inv).all()
