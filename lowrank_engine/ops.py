@@ -97,14 +97,17 @@ def _load_extension() -> Optional[str]:
 
 
 EXTENSION_PATH = _load_extension()
+logger.info("whitening: %s", f"C++ extension {EXTENSION_PATH}" if EXTENSION_PATH else "PyTorch fallback")
+
+
+# read before the Python fallback registers its own CPU/CUDA kernels below
+EXTENSION_HAS_CUDA = EXTENSION_PATH is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    f"{NAMESPACE}::whiten", "CUDA")
 
 
 def extension_info() -> dict:
     """Which whitening path is active, for `lowrank-engine info` and logs."""
-    has_cuda = False
-    if EXTENSION_PATH is not None:
-        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::whiten", "CUDA")
-    return {"loaded": EXTENSION_PATH is not None, "path": EXTENSION_PATH, "cuda": has_cuda}
+    return {"loaded": EXTENSION_PATH is not None, "path": EXTENSION_PATH, "cuda": EXTENSION_HAS_CUDA}
 
 
 # --------------------------------------------------------------------------------------

@@ -334,6 +334,7 @@ class Compressor:
         self.ranks: dict = {}
         self.reports: list[BlockReport] = []
         self._block_seconds: dict = {}
+        self._bar = None
 
     # -- helpers -------------------------------------------------------------------------
     def _timed(self, stage: str):
@@ -342,6 +343,8 @@ class Compressor:
         class _Timer:
             def __enter__(self):
                 self.t = time.perf_counter()
+                if compressor._bar is not None:
+                    compressor._bar.set_postfix_str(stage)
 
             def __exit__(self, *exc):
                 compressor.stage_seconds[stage] += time.perf_counter() - self.t
@@ -476,6 +479,7 @@ class Compressor:
                                                     self.stream_device)
         xp_stream = [x.clone() for x in x_stream]
         bar = tqdm(range(len(src.blocks)), desc=f"{cfg.method} r={cfg.ratio}", unit="block", disable=not self.progress)
+        self._bar = bar if self.progress else None
         for index in bar:
             self._block_seconds = {}
             with self._timed("load"):
@@ -492,7 +496,8 @@ class Compressor:
             self.reports.append(report)
             del dense
             src.release(index, comp)
-            bar.set_postfix(rel_mse=f"{report.output_rel_mse:.3g}")
+            bar.set_postfix_str(f"rel_mse {report.output_rel_mse:.3g}")
+        self._bar = None
         peak_gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
         return CompressionResult(ranks=dict(self.ranks), blocks=self.reports, seconds=time.perf_counter() - start,
                                  peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu, stage_seconds=dict(self.stage_seconds))

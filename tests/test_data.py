@@ -1,0 +1,93 @@
+"""Calibration sources and evaluation windows."""
+import json
+import os
+
+import pytest
+import torch
+
+from lowrank_engine import data
+
+from conftest import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+
+
+def test_random_windows_follow_the_protocol():
+    ids = torch.arange(5000)
+    windows = data.random_windows(ids, 7, 64, seed=0)
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, 5000 - 64 - 1, (7,), generator=g)
+    assert torch.equal(windows[:, 0], starts) and torch.equal(windows[:, 63], starts + 63)
+    assert torch.equal(data.random_windows(ids, 7, 64, seed=0), windows)
+    assert not torch.equal(data.random_windows(ids, 7, 64, seed=1), windows)
+
+
+def test_consecutive_windows_do_not_overlap():
+    w = data.consecutive_windows(torch.arange(1000), 3, 100)
+    assert w.shape == (3, 100) and int(w[1, 0]) == 100
+    assert data.consecutive_windows(torch.arange(250), 10, 100).shape == (2, 100)
+    with pytest.raises(data.DataError, match="fewer than one window"):
+        data.consecutive_windows(torch.arange(50), 1, 100)
+
+
+@pytest.mark.parametrize("ext", [".txt", ".jsonl", ".parquet"])
+def test_local_files(tmp_path, ext):
+    tok = tiny_tokenizer()
+    path = tmp_path / f"calib{ext}"
+    docs = [SAMPLE_TEXT[:400], SAMPLE_TEXT[400:900]]
+    if ext == ".txt":
+        path.write_text("\n\n".join(docs))
+    elif ext == ".jsonl":
+        path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs}), path)
+    calib = data.load_calibration(str(path), tok, nsamples=3, seqlen=16, seed=2)
+    assert calib.input_ids.shape == (3, 16)
+    assert calib.describe()["nsamples"] == 3 and calib.describe()["seed"] == 2
+
+
+def test_bad_files(tmp_path):
+    tok = tiny_tokenizer()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json}\n')
+    with pytest.raises(data.DataError, match="bad.jsonl:2"):
+        data.load_calibration(str(bad), tok, 1, 4)
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"body": "x"}\n')
+    with pytest.raises(data.DataError, match="'text' field"):
+        data.load_calibration(str(nofield), tok, 1, 4)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_calibration(str(tmp_path / "missing.txt"), tok, 1, 4)
+    with pytest.raises(data.DataError, match="unknown calibration source"):
+        data.load_calibration("pile", tok, 1, 4)
+
+
+def test_self_calibration_samples_from_the_model():
+    tok = tiny_tokenizer()
+    model = tiny_model("llama")
+    a = data.load_calibration("self", tok, nsamples=3, seqlen=12, seed=5, model=model)
+    b = data.load_calibration("self", tok, nsamples=3, seqlen=12, seed=5, model=model)
+    assert a.input_ids.shape == (3, 12) and torch.equal(a.input_ids, b.input_ids)
+    assert (a.input_ids[:, 0] == tok.bos_token_id).all()
+    assert a.source == "self"
+
+
+needs_data = pytest.mark.skipif(not os.environ.get("LOWRANK_ENGINE_DATA"), reason="LOWRANK_ENGINE_DATA unset")
+
+
+@needs_data
+def test_local_named_sets_and_split_convention():
+    tok = tiny_tokenizer()
+    assert len(data.c4_documents(0, 1000)) == 1000
+    assert data.c4_documents(1000, 1001)[0] not in data.c4_documents(0, 1000)
+    w = data.evaluation_windows("wikitext2", tok, 4, 64)
+    assert w.shape == (4, 64)
+    c = data.load_calibration("c4", tok, 2, 32, 0)
+    assert c.input_ids.shape == (2, 32) and "docs[0:1000]" in c.summary["documents"]
+
+
+def test_missing_local_file_in_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWRANK_ENGINE_DATA", str(tmp_path))
+    with pytest.raises(data.DataError, match="has no"):
+        data.c4_documents(0, 10)
