@@ -49,9 +49,10 @@ class CompressionConfig:
     offload: bool = False  # keep the activation streams on the CPU
     batch_size: int = 8
     solve_dtype: Optional[str] = None  # float64 on CPU, float32 on GPU by default
+    track_error: bool = True  # propagate X' for single-stream methods too, to report the per-block error
 
     def fingerprint(self) -> str:
-        relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "offload", "batch_size")}
+        relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "offload", "batch_size", "track_error")}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -393,19 +394,32 @@ class Compressor:
         two_stream = bool(needs & {"B", "C"})
         report = BlockReport(index)
 
-        # dense pass: X_next plus, when the method reads X, every group's dense input
+        linears = block_linears(dense)
+        # dense pass: X_next, plus the dense inputs each group needs. Single-stream methods fold X
+        # into A on the fly; two-stream methods keep X to pair it with X' (C = XᵀX').
         with self._timed("statistics"):
-            dense_inputs: dict[str, list] = {g[0]: [] for g in groups} if needs & {"A", "C"} else {}
-            handles = [dense.get_submodule(first).register_forward_pre_hook(
-                lambda mod, args, first=first: dense_inputs[first].append(args[0].to(self.stream_device)))
-                for first in dense_inputs]
+            fold_into_A = not two_stream and "A" in needs
+            dense_inputs: dict[str, list] = {g[0]: [] for g in groups} if two_stream and needs & {"A", "C"} else {}
+            single_stats = {g[0]: solvers.GroupStatistics(A=torch.zeros(
+                linears[g[0]].in_features, linears[g[0]].in_features, device=self.device)) for g in groups} \
+                if fold_into_A else {}
+
+            def keep_input(mod, args, first):
+                _check_finite(args[0], f"block {index} {first}")
+                if fold_into_A:
+                    ops.covariance_accumulate(single_stats[first].A, args[0])
+                else:
+                    dense_inputs[first].append(args[0].to(self.stream_device))
+
+            handles = [dense.get_submodule(g[0]).register_forward_pre_hook(
+                lambda mod, args, first=g[0]: keep_input(mod, args, first))
+                for g in groups if fold_into_A or g[0] in dense_inputs]
             try:
                 x_next = [run_block(dense, x, kw, self.device).to(self.stream_device) for x, kw in zip(x_stream, kwargs)]
             finally:
                 for h in handles:
                     h.remove()
 
-        linears = block_linears(dense)
         ranks = {name: module_rank(self._full(index, name), linears[name], cfg) for name in linears}
 
         def solve_and_install(group, stats, whitening=None):
@@ -431,10 +445,7 @@ class Compressor:
                 del stats
         else:
             # single-stream methods: every group is ready at once, so whiten them in batches
-            with self._timed("statistics"):
-                all_stats = {g[0]: self._accumulate(g, dense_inputs.get(g[0]), comp, xp_stream, kwargs, index, needs)
-                             for g in groups}
-            dense_inputs.clear()
+            all_stats = single_stats or {g[0]: solvers.GroupStatistics() for g in groups}
             whitenings = {}
             if method.coefficients is not None:
                 with self._timed("whitening"):
@@ -442,6 +453,8 @@ class Compressor:
             for group in groups:
                 solve_and_install(group, all_stats.pop(group[0]), whitenings.get(group[0]))
 
+        if not two_stream and not cfg.track_error:  # X' feeds nothing but the error report
+            return comp, x_next, [], report
         with self._timed("propagate"):
             xp_next = []
             for xp, kw in zip(xp_stream, kwargs):
@@ -477,7 +490,8 @@ class Compressor:
         with self._timed_global("capture"):
             x_stream, kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device,
                                                     self.stream_device)
-        xp_stream = [x.clone() for x in x_stream]
+        needs_xp = bool(self.method.needs & {"B", "C"}) or cfg.track_error
+        xp_stream = [x.clone() for x in x_stream] if needs_xp else []
         bar = tqdm(range(len(src.blocks)), desc=f"{cfg.method} r={cfg.ratio}", unit="block", disable=not self.progress)
         self._bar = bar if self.progress else None
         for index in bar:

@@ -171,3 +171,14 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="different settings"):
         pipeline.compress_model(tiny_model("llama", layers=3), ids,
                                 pipeline.CompressionConfig(method="svd-llm", ratio=0.3), work_dir=work, progress=False)
+
+
+def test_single_stream_without_error_tracking_gives_identical_factors():
+    ids = _ids()
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ra = pipeline.compress_model(a, ids, pipeline.CompressionConfig(method="svd-llm", ratio=0.3), progress=False)
+    rb = pipeline.compress_model(b, ids, pipeline.CompressionConfig(method="svd-llm", ratio=0.3, track_error=False),
+                                 progress=False)
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(ta, tb)
+    assert ra.blocks[0].output_rel_mse > 0 and rb.blocks[0].output_rel_mse != rb.blocks[0].output_rel_mse  # NaN
