@@ -240,12 +240,67 @@ def to_markdown(cov, lr, args, on_gpu):
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------
+# end to end: token-by-token decode of a model whose block linears are LowRankLinear at ratio r
+# --------------------------------------------------------------------------------------
+def bench_e2e_decode(on_gpu, dev, ratio=0.4, steps=32):
+    """Greedy decode latency per token, dense vs factorized (random factors: speed only)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowrank_engine.models import block_linears, find_decoder_blocks, set_submodule
+    from lowrank_engine.modules import LowRankLinear
+
+    if on_gpu:  # LLaMA-3-8B block shapes, 8 blocks (the per-token cost is per block)
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
+        dtype, label = torch.bfloat16, "LLaMA-3-8B shapes, 8 blocks"
+    else:
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+        dtype, label, steps = torch.float32, "tiny", 4
+    dense = LlamaForCausalLM(cfg).to(device=dev, dtype=dtype).eval()
+    compressed = copy.deepcopy(dense)
+    _, blocks = find_decoder_blocks(compressed)
+    for block in blocks:
+        for name, lin in block_linears(block).items():
+            m, n = lin.out_features, lin.in_features
+            k = rank_for(m, n, ratio)
+            U = torch.randn(m, k, device=dev, dtype=dtype) / math.sqrt(k)
+            V = torch.randn(n, k, device=dev, dtype=dtype) / math.sqrt(n)
+            set_submodule(block, name, LowRankLinear.from_factors(U, V, lin.bias))
+
+    @torch.no_grad()
+    def per_token_ms(model):
+        prompt = torch.randint(0, cfg.vocab_size, (1, 16), device=dev)
+        out = model(input_ids=prompt, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        if on_gpu:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3 / steps
+
+    per_token_ms(dense), per_token_ms(compressed)  # warm-up (autotuning)
+    t_dense = statistics.median(per_token_ms(dense) for _ in range(3))
+    t_lowrank = statistics.median(per_token_ms(compressed) for _ in range(3))
+    return [{"device": device_name(), "bench": "e2e_decode", "model": label, "ratio": ratio, "steps": steps,
+             "dtype": str(dtype).replace("torch.", ""), "ms_per_token_dense": t_dense,
+             "ms_per_token_lowrank": t_lowrank, "speedup_vs_dense": t_dense / t_lowrank}]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small subset (automatic on CPU)")
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth (H100 SXM: 3350)")
-    p.add_argument("--only", choices=("covariance", "lowrank"), default=None)
+    p.add_argument("--only", choices=("covariance", "lowrank"), default=None,
+                   help="run one kernel family (skips the end-to-end decode)")
     p.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODELS)}")
     args = p.parse_args(argv)
 
@@ -271,13 +326,20 @@ def main(argv=None):
     cov = [] if args.only == "lowrank" else bench_covariance(cov_sizes, cov_N, on_gpu, dev)
     lr = [] if args.only == "covariance" else bench_lowrank(models, ratios, tokens, on_gpu, dev, args.peak_gbps)
 
+    e2e = [] if args.only else bench_e2e_decode(on_gpu, dev)
+
     md = to_markdown(cov, lr, args, on_gpu)
+    if e2e:
+        md += ("\n## End-to-end decode (greedy, KV cache, eager; batch 1)\n\n"
+               "| model | dtype | ratio | dense ms/token | low-rank ms/token | speed-up |\n|---|---|---|---|---|---|\n"
+               + "\n".join(f"| {r['model']} | {r['dtype']} | {r['ratio']} | {r['ms_per_token_dense']:.3f} | "
+                           f"{r['ms_per_token_lowrank']:.3f} | {r['speedup_vs_dense']:.2f} |" for r in e2e) + "\n")
     print(md)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "kernels.md"), "w") as f:
         f.write(md + "\n")
     with open(os.path.join(args.out_dir, "kernels.json"), "w") as f:
-        json.dump(cov + lr, f, indent=1)
+        json.dump(cov + lr + e2e, f, indent=1)
     bad = [r for r in cov + lr if not r.get("skipped") and max(r.get("max_rel_err", 0), r.get("max_rel_err_A", 0)) > 5e-2]
     if bad:
         raise SystemExit(f"{len(bad)} configurations disagree with the reference (rel err > 5e-2)")
