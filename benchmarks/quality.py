@@ -244,7 +244,7 @@ def main(argv=None):
     args.out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")
     args.runs_dir = args.runs_dir or os.path.join(args.out_dir, "runs")
     if args.memory:
-        args.nsamples, args.seqlen = min(args.nsamples, 16), min(args.seqlen, 512)
+        args.nsamples, args.seqlen = min(args.nsamples, 8), min(args.seqlen, 512)
         args.wikitext_windows = args.c4_windows = 1
         return run_memory(args)
     configs = [(m, float(r)) for r in args.ratios.split(",") for m in args.methods.split(",")]

@@ -23,7 +23,8 @@ from lowrank_engine import ops  # first: it sets OMP_WAIT_POLICY=PASSIVE before 
 import torch
 
 EPS = 1e-6
-CPU_GRID = [(n, b) for n in (256, 576, 1024, 1536) for b in (1, 4, 16)]
+# the CPU grid, plus batches of small matrices (where per-call overhead dominates a loop)
+CPU_GRID = [(32, 256), (128, 256)] + [(n, b) for n in (256, 576, 1024, 1536) for b in (1, 4, 16)]
 CPU_QUICK = [(256, 1), (256, 16), (576, 4), (1024, 1)]
 GPU_GRID = ([(n, 256) for n in (32, 128, 512)]
             + [(n, b) for n in (4096, 8192) for b in (1, 2, 4)]
