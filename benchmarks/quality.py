@@ -141,7 +141,7 @@ def write_outputs(args, records: list) -> None:
     for r in records:
         flat.append({k: r.get(k) for k in ("method", "ratio", "wikitext2_ppl", "c4_ppl", "compress_seconds",
                                            "peak_rss_mb", "protocol", "device", "calibration", "beta_mean")})
-        peer = PEERS.get(r["method"], {}).get(r["ratio"])
+        peer = PEERS.get(r["method"], {}).get(r["ratio"]) if r.get("protocol") == PROTOCOL else None
         if peer:
             flat[-1]["peer_wikitext2_ppl"], flat[-1]["peer_c4_ppl"] = peer
     write_json(flat, os.path.join(args.out_dir, "quality.json"))
