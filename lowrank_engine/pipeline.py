@@ -13,14 +13,12 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import resource
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
