@@ -124,6 +124,27 @@ def read_tensors(files: dict[str, str], names: Iterable[str], device="cpu") -> d
     return out
 
 
+_SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                      "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def tensor_nbytes(files: dict[str, str], names: Iterable[str]) -> int:
+    """Bytes the named tensors take once loaded, read from the file headers only."""
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    total = 0
+    for file, file_names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name in file_names:
+                piece = f.get_slice(name)
+                numel = 1
+                for s in piece.get_shape():
+                    numel *= s
+                total += numel * _SAFETENSORS_BYTES.get(piece.get_dtype(), 4)
+    return total
+
+
 # --------------------------------------------------------------------------------------
 # save / load of a whole (in-memory) compressed model
 # --------------------------------------------------------------------------------------

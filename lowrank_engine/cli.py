@@ -40,8 +40,15 @@ def _add_compress(sub):
     p.add_argument("--beta-search", default="exact", choices=sorted(solvers.BETA_SEARCHES),
                    help="saes only: ACES β search, exact 1-D search or fixed-subspace closed form")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
-    p.add_argument("--offload", action="store_true", help="keep the activation streams on the CPU")
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                   help="where the two activation streams live: on the compute device, in pinned CPU memory, "
+                        "or memory-mapped files next to the output (one batch resident at a time)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    p.add_argument("--max-memory", default=None,
+                   help="memory budget, e.g. 20GiB (compute device) or cuda:60GiB,cpu:24GiB; the run stops before "
+                        "any work when the planned peak of one block does not fit")
+    p.add_argument("--solve-dtype", default=None, choices=["float32", "float64"],
+                   help="precision of whitening and SVD (default float64 on CPU, float32 on GPU)")
     p.add_argument("--output", default=None, help="checkpoint directory (default lowrank-out/<model>-<method>-r<ratio>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     p.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
@@ -90,16 +97,20 @@ def _windows(value):
 
 
 def cmd_compress(args) -> int:
-    from lowrank_engine import job, report
+    from lowrank_engine import distributed, job, report
 
+    args.device = distributed.init_from_env(args.device)  # under torchrun: join the group, take this rank's GPU
     spec = job.JobSpec(model=args.model, method=args.method, ratio=args.ratio, rank_map=args.rank_map,
                        calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                        beta_search=args.beta_search, device=args.device, offload=args.offload,
-                       batch_size=args.batch_size, output=args.output, resume=args.resume, save=not args.no_save,
+                       batch_size=args.batch_size, max_memory=args.max_memory, solve_dtype=args.solve_dtype,
+                       output=args.output, resume=args.resume, save=not args.no_save,
                        eval_sets=_eval_sets(args.eval_sets), eval_windows=_windows(args.eval_windows),
                        eval_seqlen=args.eval_seqlen, fidelity_samples=args.fidelity_samples,
                        trust_remote_code=args.trust_remote_code, progress=not args.quiet)
     record = job.run_job(spec)
+    if distributed.rank() != 0:
+        return 0
     print()
     job.print_summary([record])
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(record["stage_seconds"].items()))

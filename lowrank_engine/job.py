@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lowrank_engine import checkpoint, data, evaluation, models, pipeline, report
+from lowrank_engine import checkpoint, data, distributed, evaluation, models, pipeline, report
 
 logger = logging.getLogger("lowrank_engine")
 
@@ -32,8 +32,10 @@ class JobSpec:
     seed: int = 0
     beta_search: str = "exact"
     device: str = "cpu"
-    offload: bool = False
+    offload: str = "none"  # none | cpu | disk
     batch_size: int = 8
+    max_memory: Optional[str] = None  # e.g. "20GiB" or "cuda:60GiB,cpu:24GiB"
+    solve_dtype: Optional[str] = None  # float32 | float64 (default: float64 on CPU, float32 on GPU)
     output: Optional[str] = None
     resume: bool = False
     save: bool = True
@@ -113,15 +115,20 @@ def run_job(spec: JobSpec) -> dict:
 
     cfg = pipeline.CompressionConfig(method=spec.method, ratio=spec.ratio, rank_map=rank_map,
                                      beta_search=spec.beta_search, device=spec.device, offload=spec.offload,
-                                     batch_size=spec.batch_size)
+                                     batch_size=spec.batch_size, max_memory=spec.max_memory,
+                                     solve_dtype=spec.solve_dtype)
     dense_linears = sum(p.numel() for b in source.blocks for m in models.block_linears(b).values()
                         for p in m.parameters())
     dense_params = models.count_parameters(source.model)
+    compressor = pipeline.Compressor(source, cfg, work_dir=work_dir if spec.save else None, progress=spec.progress)
+    compressor.memory_plan(calib.input_ids)  # a budget that cannot hold one block fails before any output exists
+    distributed.barrier()  # every rank has checked the output paths before any creates them
     if spec.save:
         os.makedirs(work_dir, exist_ok=True)
     pipeline.reset_peak_rss()
-    result = pipeline.Compressor(source, cfg, work_dir=work_dir if spec.save else None, progress=spec.progress).run(
-        calib.input_ids)
+    result = compressor.run(calib.input_ids)
+    if distributed.rank() != 0:  # rank 0 assembles, evaluates and reports
+        return {"method": spec.method, "ratio": spec.ratio, "rank": distributed.rank()}
     lowrank_config = checkpoint.build_lowrank_config(result.ranks, spec.method, spec.ratio, calib.describe(),
                                                      {"beta_search": spec.beta_search, "base_model": spec.model})
     if spec.save:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank_engine import checkpoint, ops, solvers
+from lowrank_engine import checkpoint, distributed, memory, ops, solvers, streams
 from lowrank_engine.models import block_linears, find_decoder_blocks, set_submodule
 from lowrank_engine.modules import LowRankLinear
 
@@ -44,13 +44,15 @@ class CompressionConfig:
     beta_max: float = solvers.BETA_MAX
     eps_rel: float = 1e-6
     device: str = "cpu"
-    offload: bool = False  # keep the activation streams on the CPU
+    offload: str = "none"  # where the activation streams live: none (device), cpu (pinned), disk (mmapped files)
     batch_size: int = 8
     solve_dtype: Optional[str] = None  # float64 on CPU, float32 on GPU by default
     track_error: bool = True  # propagate X' for single-stream methods too, to report the per-block error
+    max_memory: Optional[str] = None  # e.g. "20GiB" (compute device) or "cuda:60GiB,cpu:24GiB"
 
     def fingerprint(self) -> str:
-        relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "offload", "batch_size", "track_error")}
+        relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "offload", "batch_size", "track_error",
+                                                                         "max_memory")}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -151,14 +153,15 @@ def _to(obj, device):
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
-                         device, stream_device) -> tuple[list, list]:
-    """Hidden states entering block 0 and the keyword arguments the model passes to every block."""
-    hidden, kwargs_list = [], []
+                         device, hidden) -> list:
+    """Fill `hidden` (a stream or a list) with the states entering block 0; returns the keyword arguments
+    the model passes to every block, one dict per batch."""
+    kwargs_list = []
 
     def hook(module, args, kwargs):
         h = args[0] if args else kwargs.pop("hidden_states")
         kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
-        hidden.append(h.to(stream_device))
+        hidden.append(h)
         kwargs_list.append(_to(kw, device))
         raise _StopForward
 
@@ -171,7 +174,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
                 pass
     finally:
         handle.remove()
-    return hidden, kwargs_list
+    return kwargs_list
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
@@ -281,6 +284,21 @@ class BlockSource:
     def materialize(self, index: int, device) -> nn.Module:
         return self.blocks[index].to(device)
 
+    # sizes for the memory plan, from shapes only
+    def block_bytes(self, index: int) -> int:
+        return sum(t.numel() * t.element_size() for t in self.blocks[index].state_dict().values())
+
+    def non_block_bytes(self) -> int:
+        seen, total = set(), 0
+        for name, p in self.model.named_parameters():
+            if not name.startswith(self.blocks_name + ".") and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+        return total
+
+    def activation_dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
     def release(self, index: int, compressed: nn.Module) -> None:
         self.blocks[index] = compressed.to("cpu")
 
@@ -314,6 +332,10 @@ class LazyBlockSource(BlockSource):
         prefix = self.blocks_name + "."
         return {n: t for n, t in checkpoint.state_dict_for_saving(self.model).items() if not n.startswith(prefix)}
 
+    def block_bytes(self, index: int) -> int:
+        prefix = f"{self.blocks_name}.{index}."
+        return checkpoint.tensor_nbytes(self.files, [prefix + n for n in self.blocks[index].state_dict()])
+
     def materialize(self, index: int, device) -> nn.Module:
         prefix = f"{self.blocks_name}.{index}."
         block = self.blocks[index]
@@ -346,7 +368,9 @@ class Compressor:
         if cfg.ratio is None and not cfg.rank_map:
             raise ValueError("give a ratio or a rank map")
         self.device = torch.device(cfg.device)
-        self.stream_device = torch.device("cpu") if cfg.offload else self.device
+        self.offload = streams.normalize_offload(cfg.offload)
+        self.store: Optional[streams.StreamStore] = None
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         self.dtype = _solve_dtype(cfg)
         self.stage_seconds: dict = defaultdict(float)
         self.ranks: dict = {}
@@ -398,6 +422,7 @@ class Compressor:
                 ops.covariance_accumulate(stats.B, xp)
             if stats.A is not None and stats.C is None:
                 ops.covariance_accumulate(stats.A, x)
+        distributed.all_reduce_sum_(stats.A, stats.B, stats.C)
         return stats
 
     # -- one block -----------------------------------------------------------------------
@@ -416,7 +441,7 @@ class Compressor:
         # into A on the fly; two-stream methods keep X to pair it with X' (C = XᵀX').
         with self._timed("statistics"):
             fold_into_A = not two_stream and "A" in needs
-            dense_inputs: dict[str, list] = {g[0]: [] for g in groups} if two_stream and needs & {"A", "C"} else {}
+            dense_inputs = {g[0]: self.store.stream("in") for g in groups} if two_stream and needs & {"A", "C"} else {}
             single_stats = {g[0]: solvers.GroupStatistics(A=torch.zeros(
                 linears[g[0]].in_features, linears[g[0]].in_features, device=self.device)) for g in groups} \
                 if fold_into_A else {}
@@ -426,25 +451,30 @@ class Compressor:
                 if fold_into_A:
                     ops.covariance_accumulate(single_stats[first].A, args[0])
                 else:
-                    dense_inputs[first].append(args[0].to(self.stream_device))
+                    dense_inputs[first].append(args[0])
 
             handles = [dense.get_submodule(g[0]).register_forward_pre_hook(
                 lambda mod, args, first=g[0]: keep_input(mod, args, first))
                 for g in groups if fold_into_A or g[0] in dense_inputs]
             try:
-                x_next = [run_block(dense, x, kw, self.device).to(self.stream_device) for x, kw in zip(x_stream, kwargs)]
+                x_next = self._propagate(dense, x_stream, kwargs)
             finally:
                 for h in handles:
                     h.remove()
+            distributed.all_reduce_sum_(*(st.A for st in single_stats.values()))
 
         ranks = {name: module_rank(self._full(index, name), linears[name], cfg) for name in linears}
 
-        def solve_and_install(group, stats, whitening=None):
+        def solve(group, stats, whitening=None):
             weights = {name: linears[name].weight for name in group}
             with self._timed("solve"):
-                factors = solvers.solve_group(method, weights, {n: ranks[n] for n in group}, stats,
-                                              eps_rel=cfg.eps_rel, beta_search=cfg.beta_search,
-                                              beta_max=cfg.beta_max, dtype=self.dtype, whitening=whitening)
+                return solvers.solve_group(method, weights, {n: ranks[n] for n in group}, stats,
+                                           eps_rel=cfg.eps_rel, beta_search=cfg.beta_search,
+                                           beta_max=cfg.beta_max, dtype=self.dtype, whitening=whitening)
+
+        def install(group, factors):
+            if self.world > 1:
+                factors = self._share_factors(group, factors, linears, ranks, owner=groups.index(group) % self.world)
             for name, f in factors.items():
                 old = linears[name]
                 set_submodule(comp, name, LowRankLinear.from_factors(
@@ -457,29 +487,60 @@ class Compressor:
             for group in groups:  # in execution order: X' for later groups sees earlier factors
                 with self._timed("statistics"):
                     stats = self._accumulate(group, dense_inputs.get(group[0]), comp, xp_stream, kwargs, index, needs)
-                dense_inputs.pop(group[0], None)
-                solve_and_install(group, stats)
+                if group[0] in dense_inputs:
+                    dense_inputs.pop(group[0]).release()
+                mine = groups.index(group) % self.world == self.rank
+                install(group, solve(group, stats) if mine else None)
                 del stats
         else:
-            # single-stream methods: every group is ready at once, so whiten them in batches
+            # single-stream methods: every group is ready at once, so whiten them in batches;
+            # with several processes each solves its own groups, then all exchange factors
             all_stats = single_stats or {g[0]: solvers.GroupStatistics() for g in groups}
+            mine = [g for i, g in enumerate(groups) if i % self.world == self.rank]
             whitenings = {}
             if method.coefficients is not None:
                 with self._timed("whitening"):
-                    whitenings = self._batched_whitening(all_stats)
+                    whitenings = self._batched_whitening({g[0]: all_stats[g[0]] for g in mine})
+            solved = {g[0]: solve(g, all_stats.pop(g[0]), whitenings.pop(g[0], None)) for g in mine}
+            all_stats.clear()
             for group in groups:
-                solve_and_install(group, all_stats.pop(group[0]), whitenings.get(group[0]))
+                install(group, solved.pop(group[0], None))
 
         if not two_stream and not cfg.track_error:  # X' feeds nothing but the error report
-            return comp, x_next, [], report
+            return comp, x_next, self.store.stream("xp"), report
         with self._timed("propagate"):
-            xp_next = []
-            for xp, kw in zip(xp_stream, kwargs):
-                out = run_block(comp, xp, kw, self.device)
-                _check_finite(out, f"the output of block {index}")
-                xp_next.append(out.to(self.stream_device))
+            xp_next = self._propagate(comp, xp_stream, kwargs, check=f"the output of block {index}")
         report.output_rel_mse, report.output_cosine_distance = stream_error(x_next, xp_next)
         return comp, x_next, xp_next, report
+
+    def _share_factors(self, group: list, factors: Optional[dict], linears: dict, ranks: dict, owner: int) -> dict:
+        """Broadcast one group's factors from the rank that solved it."""
+        meta = distributed.broadcast_object(
+            {n: (f.rank, f.beta, f.sigma.numel()) for n, f in factors.items()} if factors else None, src=owner)
+        out = {}
+        for name in group:
+            k, beta, n_sigma = meta[name]
+            lin = linears[name]
+            if factors is None:
+                empty = lambda *shape: torch.empty(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
+                f = solvers.Factors(U=empty(lin.out_features, k), V=empty(lin.in_features, k), sigma=empty(n_sigma),
+                                    rank=k, beta=beta)
+            else:
+                f = factors[name]
+                f.U, f.V, f.sigma = (t.to(self.device, self.dtype).contiguous() for t in (f.U, f.V, f.sigma))
+            for t in (f.U, f.V, f.sigma):
+                distributed.broadcast_(t, src=owner)
+            out[name] = f
+        return out
+
+    def _propagate(self, block: nn.Module, stream, kwargs: list, check: Optional[str] = None):
+        out_stream = self.store.stream("x")
+        for x, kw in zip(stream, kwargs):
+            out = run_block(block, x, kw, self.device)
+            if check:
+                _check_finite(out, check)
+            out_stream.append(out)
+        return out_stream
 
     def _batched_whitening(self, all_stats: dict) -> dict:
         coeffs = self.method.coefficients
@@ -494,32 +555,74 @@ class Compressor:
         return out
 
     # -- the whole model -----------------------------------------------------------------
+    def memory_plan(self, input_ids: torch.Tensor) -> memory.MemoryPlan:
+        """The planned peak per device; raises MemoryBudgetError when `max_memory` cannot hold a block."""
+        cfg = self.cfg
+        input_ids = distributed.shard(input_ids)
+        plan = memory.plan(self.source, self.method, device=cfg.device, offload=self.offload,
+                           n_samples=input_ids.shape[0], seqlen=input_ids.shape[1], batch_size=cfg.batch_size,
+                           solve_dtype=self.dtype, track_error=cfg.track_error)
+        if cfg.max_memory:
+            plan.check(memory.parse_budget(cfg.max_memory, cfg.device))
+        return plan
+
+    def _say(self, text: str) -> None:
+        if self.progress and self.rank == 0:
+            tqdm.write(text)
+
     def run(self, input_ids: torch.Tensor) -> CompressionResult:
         start = time.perf_counter()
         src, cfg = self.source, self.cfg
+        plan = self.memory_plan(input_ids)  # before any work: a budget that cannot fit one block fails here
+        input_ids = distributed.shard(input_ids)  # each rank streams its own windows
+        self._say(plan.describe())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if cfg.rank_map:
             validate_rank_map(cfg.rank_map, {f"{src.blocks_name}.{i}.{n}": m for i in range(len(src.blocks))
                                              for n, m in block_linears(src.blocks[i]).items()})
         done = self._resume_state()
+        spill = os.path.join(self.work_dir, "streams", f"rank{self.rank}") if self.work_dir else None
+        self.store = streams.StreamStore(self.offload, self.device, spill)
+        try:
+            result = self._run(input_ids, done, start)
+        finally:
+            self.store.close()
+            if spill:
+                try:
+                    os.rmdir(os.path.dirname(spill))  # only when no other rank still spills there
+                except OSError:
+                    pass
+        measured = f"measured peak: cpu {result.peak_rss_mb / 1024:.2f} GiB (RSS)"
+        if self.device.type == "cuda":
+            measured += f", cuda {result.peak_gpu_mb / 1024:.2f} GiB"
+        self._say(measured)
+        return result
+
+    def _run(self, input_ids: torch.Tensor, done: set, start: float) -> CompressionResult:
+        src, cfg = self.source, self.cfg
         move_non_block_tensors(src.model, src.blocks_name, self.device)
         with self._timed_global("capture"):
-            x_stream, kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device,
-                                                    self.stream_device)
+            x_stream = self.store.stream("x")
+            kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device, x_stream)
         needs_xp = bool(self.method.needs & {"B", "C"}) or cfg.track_error
-        xp_stream = [x.clone() for x in x_stream] if needs_xp else []
-        bar = tqdm(range(len(src.blocks)), desc=f"{cfg.method} r={cfg.ratio}", unit="block", disable=not self.progress)
-        self._bar = bar if self.progress else None
+        xp_stream = self.store.copy(x_stream, "xp") if needs_xp else self.store.stream("xp")
+        show = self.progress and self.rank == 0
+        bar = tqdm(range(len(src.blocks)), desc=f"{cfg.method} r={cfg.ratio}", unit="block", disable=not show)
+        self._bar = bar if show else None
         for index in bar:
             self._block_seconds = {}
             with self._timed("load"):
                 dense = src.materialize(index, self.device)
             if index in done:
                 bar.set_postfix_str("resumed")
-                comp, x_stream, xp_stream, report = self._replay_block(index, dense, x_stream, xp_stream, kwargs)
+                comp, x_next, xp_next, report = self._replay_block(index, dense, x_stream, xp_stream, kwargs)
             else:
-                comp, x_stream, xp_stream, report = self.compress_block(index, dense, x_stream, xp_stream, kwargs)
+                comp, x_next, xp_next, report = self.compress_block(index, dense, x_stream, xp_stream, kwargs)
+            x_stream.release()
+            xp_stream.release()
+            x_stream, xp_stream = x_next, xp_next
+            if index not in done:
                 if self.work_dir:
                     with self._timed("write"):
                         self._write_block(index, comp, report)
@@ -532,8 +635,10 @@ class Compressor:
             bar.set_postfix_str(f"rel_mse {report.output_rel_mse:.3g}")
         self._bar = None
         peak_gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
+        # the largest process's peak: every rank holds one block and its share of the streams
         return CompressionResult(ranks=dict(self.ranks), blocks=self.reports, seconds=time.perf_counter() - start,
-                                 peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu, stage_seconds=dict(self.stage_seconds))
+                                 peak_rss_mb=distributed.all_reduce_max(peak_rss_mb()),
+                                 peak_gpu_mb=distributed.all_reduce_max(peak_gpu), stage_seconds=dict(self.stage_seconds))
 
     def _timed_global(self, stage: str):
         self._block_seconds = {}
@@ -543,6 +648,14 @@ class Compressor:
     def _resume_state(self) -> set:
         if not self.work_dir:
             return set()
+        if self.rank != 0:  # rank 0 creates or checks the run's state first
+            distributed.barrier()
+            return self._read_progress()
+        done = self._read_progress()
+        distributed.barrier()
+        return done
+
+    def _read_progress(self) -> set:
         os.makedirs(os.path.join(self.work_dir, "blocks"), exist_ok=True)
         progress = os.path.join(self.work_dir, "progress.json")
         if os.path.exists(progress):
@@ -555,6 +668,8 @@ class Compressor:
         return set()
 
     def _write_block(self, index: int, comp: nn.Module, report: BlockReport) -> None:
+        if self.rank != 0:  # every rank holds the same factors; one writes them
+            return
         prefix = f"{self.source.blocks_name}.{index}."
         tensors = {prefix + k: v for k, v in comp.state_dict().items()}
         ranks = {prefix + n: m.rank for n, m in comp.named_modules() if isinstance(m, LowRankLinear)}
@@ -582,22 +697,20 @@ class Compressor:
         comp.load_state_dict(state, strict=True, assign=True)
         self.ranks.update(ranks)
         report = BlockReport(**{k: v for k, v in json.loads(meta["report"]).items()})
-        x_next = [run_block(dense, x, kw, self.device).to(self.stream_device) for x, kw in zip(x_stream, kwargs)]
-        xp_next = [run_block(comp, x, kw, self.device).to(self.stream_device) for x, kw in zip(xp_stream, kwargs)]
-        return comp, x_next, xp_next, report
+        return comp, self._propagate(dense, x_stream, kwargs), self._propagate(comp, xp_stream, kwargs), report
 
 
 def stream_error(x: list, xp: list) -> tuple[float, float]:
-    """Relative MSE ‖X'−X‖²/‖X‖² and mean per-token cosine distance between the streams."""
-    num = den = cos_sum = 0.0
-    count = 0
+    """Relative MSE ‖X'−X‖²/‖X‖² and mean per-token cosine distance between the streams (over all ranks)."""
+    sums = torch.zeros(4, dtype=torch.float64)  # ‖X'−X‖², ‖X‖², Σ(1 − cos), tokens
     for a, b in zip(x, xp):
         a, b = a.double(), b.to(a.device).double()
-        num += float(((b - a) ** 2).sum())
-        den += float((a ** 2).sum())
         cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
-        cos_sum += float((1 - cos).sum())
-        count += cos.numel()
+        sums += torch.tensor([float(((b - a) ** 2).sum()), float((a ** 2).sum()), float((1 - cos).sum()), cos.numel()],
+                             dtype=torch.float64)
+    if distributed.active():
+        sums = distributed.all_reduce_sum_tensor(sums)
+    num, den, cos_sum, count = sums.tolist()
     return num / max(den, 1e-300), cos_sum / max(count, 1)
 
 

@@ -26,7 +26,8 @@ def test_groups_are_discovered_generically(kind):
     model = tiny_model(kind)
     _, blocks = find_decoder_blocks(model)
     ids = _ids()
-    x, kw = pipeline.capture_block_inputs(model, blocks, ids, 3, "cpu", "cpu")
+    x = []
+    kw = pipeline.capture_block_inputs(model, blocks, ids, 3, "cpu", x)
     groups = pipeline.discover_groups(blocks[0], x[0], kw[0], "cpu")
     assert [sorted(g) for g in groups] == [
         ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -76,7 +77,8 @@ def test_first_block_svd_llm_is_layerwise_optimal():
     model = tiny_model("llama", layers=1)
     ids = _ids(4, 20)
     _, blocks = find_decoder_blocks(model)
-    x, kw = pipeline.capture_block_inputs(model, blocks, ids, 4, "cpu", "cpu")
+    x = []
+    kw = pipeline.capture_block_inputs(model, blocks, ids, 4, "cpu", x)
     q = blocks[0].self_attn.q_proj
     with torch.no_grad():
         inp = pipeline.group_inputs(blocks[0], "self_attn.q_proj", x[0], kw[0], "cpu").reshape(-1, 48).double()
@@ -131,14 +133,38 @@ def test_no_decoder_blocks_lists_supported():
         find_decoder_blocks(torch.nn.Sequential(torch.nn.Linear(3, 3)))
 
 
-def test_offload_gives_identical_factors():
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_offload_gives_identical_factors(offload, tmp_path):
     ids = _ids()
     a, b = tiny_model("llama"), tiny_model("llama")
-    pipeline.compress_model(a, ids, pipeline.CompressionConfig(method="aa-svd", ratio=0.3), progress=False)
-    pipeline.compress_model(b, ids, pipeline.CompressionConfig(method="aa-svd", ratio=0.3, offload=True),
+    pipeline.compress_model(a, ids, pipeline.CompressionConfig(method="aa-svd", ratio=0.3, batch_size=2),
                             progress=False)
+    pipeline.compress_model(b, ids, pipeline.CompressionConfig(method="aa-svd", ratio=0.3, batch_size=2,
+                                                               offload=offload),
+                            work_dir=str(tmp_path / "work"), progress=False)
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(ta, tb)
+    assert not (tmp_path / "work" / "streams").exists()  # spilled activations are cleaned up
+
+
+def test_disk_stream_round_trips_and_cleans_up(tmp_path):
+    from lowrank_engine import streams
+
+    store = streams.StreamStore("disk", "cpu", str(tmp_path / "s"))
+    stream = store.stream("x")
+    batches = [torch.randn(2, 5, 7, dtype=dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    for t in batches:
+        stream.append(t)
+    copy = store.copy(stream)
+    assert len(stream) == 3 and all(torch.equal(a, b) for a, b in zip(batches, copy))
+    stream[0].add_(1.0)  # reading maps privately: the file is not changed
+    assert torch.equal(stream[0], batches[0])
+    stream.release()
+    assert len(list((tmp_path / "s").iterdir())) == 3  # only the copy's files remain
+    store.close()
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="offload mode"):
+        streams.StreamStore("gpu", "cpu")
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):

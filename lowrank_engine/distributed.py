@@ -1,0 +1,91 @@
+"""Several processes, one compression: torch.distributed with NCCL on GPUs, gloo on CPUs.
+
+Launch with `torchrun --nproc-per-node N -m lowrank_engine.cli compress ...`. Each rank streams
+its share of the calibration windows through the blocks; the statistics are summed with
+all-reduce, each group's solve runs on one rank, and the factors are broadcast, so every rank
+holds the same compressed block before the streams move on. Rank 0 writes the output.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def init_from_env(device: str) -> str:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    return device
+
+
+def shard(input_ids: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of the calibration windows."""
+    if not active():
+        return input_ids
+    if input_ids.shape[0] < world_size():
+        raise ValueError(f"{input_ids.shape[0]} calibration windows cannot be split over {world_size()} processes")
+    return torch.tensor_split(input_ids, world_size())[rank()]
+
+
+def all_reduce_sum_(*tensors) -> None:
+    if active():
+        for t in tensors:
+            if t is not None:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks (moved through the GPU under NCCL)."""
+    if not active():
+        return t
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    out = t.to(device)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
+
+
+def all_reduce_max(value: float) -> float:
+    if not active():
+        return value
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def broadcast_object(obj, src: int):
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    if active():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()

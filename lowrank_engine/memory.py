@@ -1,0 +1,129 @@
+"""The memory plan: what one block of the pipeline needs on each device, checked before any work.
+
+The plan is an upper estimate built from tensor shapes only (no weights are read): the largest
+block twice (the dense block and its compressed copy), the non-block tensors, the statistics
+(fp32), the solver's workspace (in the solve dtype), one batch's forward activations, and the
+two activation streams with their successors wherever `--offload` puts them.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from lowrank_engine.models import block_linears
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+PROCESS_BASELINE = 600 * 2**20  # torch, transformers and the Python process itself (measured on CPU)
+
+
+class MemoryBudgetError(ValueError):
+    """The budget cannot hold one block of the pipeline."""
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read memory size {text!r}; write e.g. 24GiB, 60GB or 512MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_budget(spec: str, compute_device: str) -> dict[str, int]:
+    """'20GiB' (the compute device) or 'cuda:60GiB,cpu:24GiB' → {device type: bytes}."""
+    budget = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        device, sep, size = part.rpartition(":")
+        if not sep:
+            device = torch.device(compute_device).type
+        budget[torch.device(device).type] = parse_size(size)
+    return budget
+
+
+@dataclass
+class MemoryPlan:
+    parts: dict = field(default_factory=lambda: defaultdict(dict))  # device type → {item: bytes}
+
+    def add(self, device: str, item: str, nbytes: float) -> None:
+        self.parts[device][item] = self.parts[device].get(item, 0) + int(nbytes)
+
+    def peak(self, device: str) -> int:
+        return sum(self.parts.get(device, {}).values())
+
+    @property
+    def devices(self) -> list:
+        return sorted(self.parts)
+
+    def describe(self) -> str:
+        lines = []
+        for device in self.devices:
+            items = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in sorted(self.parts[device].items(), key=lambda kv: -kv[1]))
+            lines.append(f"planned peak on {device}: {self.peak(device) / 2**30:.2f} GiB ({items})")
+        return "\n".join(lines)
+
+    def check(self, budget: dict[str, int]) -> None:
+        for device, limit in budget.items():
+            if self.peak(device) > limit:
+                biggest = max(self.parts[device].items(), key=lambda kv: kv[1])
+                raise MemoryBudgetError(
+                    f"one block needs about {self.peak(device) / 2**30:.2f} GiB on {device} but --max-memory allows "
+                    f"{limit / 2**30:.2f} GiB (largest item: {biggest[0]} {biggest[1] / 2**30:.2f} GiB); "
+                    "try --offload disk, a smaller --batch-size, fewer calibration tokens or --solve-dtype float32")
+
+
+def _groups(block) -> list[tuple[int, int]]:
+    """(in_features, largest out_features) per input group, guessed from shapes: linears under the
+    same parent reading the same width share their input (q/k/v, gate/up)."""
+    groups: dict[tuple, int] = {}
+    for name, linear in block_linears(block).items():
+        key = (name.rpartition(".")[0], linear.in_features)
+        groups[key] = max(groups.get(key, 0), linear.out_features)
+    return [(n, m) for (_, n), m in groups.items()]
+
+
+def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: int, batch_size: int,
+         solve_dtype: torch.dtype, track_error: bool = True) -> MemoryPlan:
+    """Estimate the peak per device type for running `method` over `source`'s blocks."""
+    compute = torch.device(device).type
+    hold = {"none": compute, "cpu": "cpu", "disk": None}[offload]
+    config = source.model.config
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", 1)
+    act_bytes = torch.finfo(source.activation_dtype()).bits // 8
+    solve_bytes = torch.finfo(solve_dtype).bits // 8
+    tokens = n_samples * seqlen
+    batch_tokens = min(batch_size, n_samples) * seqlen
+    two_stream = bool(method.needs & {"B", "C"})
+
+    plan = MemoryPlan()
+    plan.add("cpu", "process", PROCESS_BASELINE)
+    block_bytes = max(source.block_bytes(i) for i in range(len(source.blocks)))
+    plan.add(compute, "dense + compressed block", 2 * block_bytes)
+    plan.add(compute, "embeddings, norms, head", source.non_block_bytes())
+
+    groups = max((_groups(b) for b in source.blocks), key=lambda g: sum(n * n for n, _ in g))
+    if two_stream:
+        plan.add(compute, "statistics (fp32)", 3 * 4 * max(n * n for n, _ in groups))
+    elif method.needs:
+        plan.add(compute, "statistics (fp32)", 4 * sum(n * n for n, _ in groups))
+    if method.coefficients is not None or method.adaptive_beta:
+        # metric, eigenvectors, L⁻ᵀ and a product of the metric's size; G and its SVD factors
+        plan.add(compute, "solver workspace", solve_bytes * max(4 * n * n + 3 * m * n for n, m in groups))
+    else:
+        plan.add(compute, "solver workspace", solve_bytes * max(3 * m * n for n, m in groups))
+    widest = max(max(n, m) for n, m in groups)
+    attention = min(batch_size, n_samples) * heads * seqlen * seqlen * 4
+    plan.add(compute, "forward activations (one batch)", batch_tokens * (4 * widest + 8 * hidden) * 4 + 2 * attention)
+
+    streams = 4 if (two_stream or track_error) else 2  # X, X' and their successors during propagation
+    stream_bytes = streams * tokens * hidden * act_bytes
+    group_inputs = tokens * sum(n for n, _ in groups) * act_bytes if two_stream else 0
+    if hold is None:  # on disk: one batch resident at a time
+        plan.add(compute, "activation streams (one batch from disk)", 2 * batch_tokens * max(hidden, widest) * act_bytes)
+    else:
+        plan.add(hold, "activation streams", stream_bytes)
+        if group_inputs:
+            plan.add(hold, "dense group inputs", group_inputs)
+    return plan
