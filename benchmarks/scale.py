@@ -1,0 +1,222 @@
+"""Scale benchmark: memory stays one block deep, whatever the model's depth or width.
+
+Configurations (each in its own process, so each peak RSS is its own):
+  smollm2      SmolLM2-135M (30 blocks, width 576)
+  deep         a random model of SmolLM2's width, 4x deeper (120 blocks)
+  70b-l2/l4    the synthetic LLaMA-70B-shaped checkpoint (benchmarks/synthetic_checkpoint.py), 2 and 4 blocks
+
+Every run streams blocks from safetensors, writes each block's factors as it finishes, and
+records the planned and measured peak and the seconds per stage (load, statistics, whitening,
+solve, propagate, write). The table ends with the L=2 → L=4 peak growth and an extrapolation
+of the measured per-block stage times to an 80-block LLaMA-70B.
+
+    python benchmarks/scale.py                          # all four (the 70B-shaped ones need ~16 GiB disk)
+    python benchmarks/scale.py --configs smollm2,deep   # the quick part
+    python benchmarks/scale.py --plan-only              # planned peaks only, no compression
+
+Writes scale.md and scale.json to --out-dir (default benchmarks/results).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+STAGES = ("load", "statistics", "whitening", "solve", "propagate", "write")
+TARGET = {"blocks": 80, "tokens": 256 * 2048}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+# --------------------------------------------------------------------------------------
+# one configuration (child process)
+# --------------------------------------------------------------------------------------
+def run_one(args) -> dict:
+    from lowrank_engine import models, pipeline  # first: sets OMP_WAIT_POLICY before torch
+
+    import torch
+
+    spec = json.loads(args.one)
+    source = pipeline.LazyBlockSource(spec["path"], keep_compressed=False)
+    if spec["calibration"] == "c4":
+        from transformers import AutoTokenizer
+
+        from lowrank_engine import data
+
+        tokenizer = AutoTokenizer.from_pretrained(models.resolve_model_path("smollm2-135m"))
+        ids = data.load_calibration("c4", tokenizer, spec["nsamples"], spec["seqlen"], 0).input_ids
+    else:  # random token ids: the 70B-shaped model has no tokenizer and random weights anyway
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, source.model.config.vocab_size, (spec["nsamples"], spec["seqlen"]), generator=g)
+    cfg = pipeline.CompressionConfig(method=spec["method"], ratio=spec["ratio"], device=spec["device"],
+                                     offload=spec["offload"], batch_size=spec["batch_size"],
+                                     solve_dtype=spec["solve_dtype"], track_error=False)
+    compressor = pipeline.Compressor(source, cfg, work_dir=None, progress=not args.quiet)
+    plan = compressor.memory_plan(ids)
+    record = {k: spec[k] for k in ("model", "method", "ratio", "offload", "solve_dtype")}
+    record.update(blocks=len(source.blocks), hidden=source.model.config.hidden_size,
+                  intermediate=source.model.config.intermediate_size,
+                  calibration=f"{spec['calibration']} {spec['nsamples']}x{spec['seqlen']}",
+                  device=device_name(spec["device"]), threads=torch.get_num_threads(),
+                  block_mb=round(source.block_bytes(0) / 2**20, 1),
+                  planned_cpu_mb=round(plan.peak("cpu") / 2**20, 1),
+                  planned_gpu_mb=round(plan.peak("cuda") / 2**20, 1) if spec["device"].startswith("cuda") else None)
+    if spec.get("plan_only"):
+        return record
+    pipeline.reset_peak_rss()
+    with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as work_dir:
+        compressor.work_dir = work_dir  # factors and spilled streams go to disk, as `compress --offload disk`
+        result = compressor.run(ids)
+    per_block = {s: sum(b.seconds.get(s, 0.0) for b in result.blocks) / len(result.blocks) for s in STAGES}
+    record.update(peak_rss_mb=round(result.peak_rss_mb, 1),
+                  peak_gpu_mb=round(result.peak_gpu_mb, 1) if spec["device"].startswith("cuda") else None,
+                  compress_seconds=round(result.seconds, 1),
+                  **{f"{s}_s_per_block": round(v, 2) for s, v in per_block.items()})
+    return record
+
+
+# --------------------------------------------------------------------------------------
+# the table (parent)
+# --------------------------------------------------------------------------------------
+def prepare(name: str, args) -> dict:
+    """Materialize the checkpoint a configuration reads; returns its spec."""
+    base = dict(model=name, method=args.method, ratio=args.ratio, device=args.device, batch_size=args.batch_size,
+                solve_dtype=args.solve_dtype, work_dir=args.work_dir, plan_only=args.plan_only)
+    if name in ("smollm2", "deep"):
+        from lowrank_engine import models
+
+        path = models.resolve_model_path("smollm2-135m")
+        if name == "deep":
+            path = deep_model(path, args.work_dir)
+        return dict(base, path=path, calibration="c4", nsamples=args.nsamples, seqlen=args.seqlen,
+                    offload=args.offload)
+    layers = int(name.split("-l")[1])
+    from synthetic_checkpoint import write_checkpoint
+
+    path = write_checkpoint(os.path.join(args.work_dir, f"llama70b-shaped-l{layers}"), layers)
+    return dict(base, path=path, calibration="random", nsamples=args.big_nsamples, seqlen=args.big_seqlen,
+                offload="disk", batch_size=min(args.batch_size, 4), solve_dtype=args.big_solve_dtype)
+
+
+def deep_model(base: str, work_dir: str) -> str:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = os.path.join(work_dir, "smollm2-width-4x-deep")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        config = AutoConfig.from_pretrained(base)
+        config.num_hidden_layers *= 4
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+def extrapolate(record: dict) -> list[str]:
+    """Per-block stage times → an 80-block model at 256×2048 tokens, on the measured device."""
+    tokens = int(record["calibration"].split()[1].split("x")[0]) * int(record["calibration"].split("x")[1])
+    scale = TARGET["tokens"] / tokens
+    lines = [f"Extrapolation from `{record['model']}` ({record['device']}), per block, to LLaMA-70B "
+             f"({TARGET['blocks']} blocks, {TARGET['tokens']:,} calibration tokens):", "",
+             "| stage | measured s/block | scales with | s/block at target | 80 blocks (h) |", "|---|---|---|---|---|"]
+    total = 0.0
+    for stage in STAGES:
+        measured = record.get(f"{stage}_s_per_block") or 0.0
+        token_bound = stage in ("statistics", "propagate")
+        at_target = measured * (scale if token_bound else 1.0)
+        total += at_target
+        lines.append(f"| {stage} | {measured:.2f} | {'tokens (×%.0f)' % scale if token_bound else 'weights only'} | "
+                     f"{at_target:.1f} | {at_target * TARGET['blocks'] / 3600:.2f} |")
+    lines += ["", f"Total: {total:.1f} s/block × {TARGET['blocks']} = {total * TARGET['blocks'] / 3600:.2f} h on "
+              f"{record['device']}."]
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="smollm2,deep,70b-l2,70b-l4")
+    p.add_argument("--method", default="svd-llm")
+    p.add_argument("--ratio", type=float, default=0.4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--offload", default="disk", choices=["none", "cpu", "disk"], help="for smollm2 and deep")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows (smollm2, deep)")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--big-nsamples", type=int, default=16, help="calibration windows (70B-shaped)")
+    p.add_argument("--big-seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--solve-dtype", default=None, help="default float64 on CPU, float32 on GPU")
+    p.add_argument("--big-solve-dtype", default="float32", help="70B-shaped: float64 metrics of 28672² do not fit 24 GiB")
+    p.add_argument("--work-dir", default=None, help="checkpoints and spilled streams (default: a temporary directory)")
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--plan-only", action="store_true", help="planned peaks only")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--record", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        with open(args.record, "w") as f:
+            json.dump(run_one(args), f)
+        return 0
+
+    import lowrank_engine  # noqa: F401  (OMP_WAIT_POLICY before torch)
+    from lowrank_engine.report import format_table, write_json
+
+    owned = None
+    if args.work_dir is None:
+        args.work_dir = owned = tempfile.mkdtemp(prefix="lowrank-scale-")
+    records = []
+    try:
+        for name in args.configs.split(","):
+            spec = prepare(name, args)
+            print(f"[scale] {name} ...", flush=True)
+            start = time.time()
+            with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+                cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec), "--record", out.name]
+                subprocess.run(cmd + (["--quiet"] if args.quiet else []), check=True)
+                record = json.load(open(out.name))
+            record["wall_seconds"] = round(time.time() - start, 1)
+            records.append(record)
+    finally:
+        if owned:
+            import shutil
+
+            shutil.rmtree(owned, ignore_errors=True)
+
+    columns = ("model", "blocks", "hidden", "method", "calibration", "offload", "block_mb", "planned_cpu_mb",
+               "peak_rss_mb", "planned_gpu_mb", "peak_gpu_mb", "compress_seconds", *(f"{s}_s_per_block" for s in STAGES))
+    print("\n" + format_table(records, columns))
+    md = ["# Scale: peak memory vs depth and width", "",
+          f"Method {args.method}, ratio {args.ratio}; blocks streamed from safetensors, factors written per block. "
+          "planned_*: the engine's memory plan (printed before a run); peak_*: measured (VmHWM, "
+          "torch.cuda.max_memory_allocated).", "", format_table(records, columns, markdown=True), ""]
+    by_model = {r["model"]: r for r in records}
+    if "70b-l2" in by_model and "70b-l4" in by_model and by_model["70b-l2"].get("peak_rss_mb"):
+        a, b = by_model["70b-l2"]["peak_rss_mb"], by_model["70b-l4"]["peak_rss_mb"]
+        md.append(f"Peak RSS L=2 → L=4: {a:,.0f} → {b:,.0f} MB ({(b / a - 1):+.1%}).")
+        md.append("")
+    for name in ("70b-l4", "70b-l2"):
+        if by_model.get(name, {}).get("compress_seconds"):
+            md += extrapolate(by_model[name]) + [""]
+            break
+    text = "\n".join(md)
+    print("\n" + text)
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(records, os.path.join(args.out_dir, "scale.json"))
+    with open(os.path.join(args.out_dir, "scale.md"), "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
