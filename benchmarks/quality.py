@@ -135,7 +135,7 @@ def cached_records(args) -> list:
         if name.startswith(args.protocol + "_") and name.endswith(".json"):
             with open(os.path.join(args.runs_dir, name)) as f:
                 records.append(json.load(f))
-    order = {m: i for i, m in enumerate(["dense", "svd", "svd-llm", "shift-aware", "aa-svd", "saes", "saes:fixed"])}
+    order = {m: i for i, m in enumerate(["dense", "svd", "asvd", "svd-llm", "shift-aware", "aa-svd", "saes", "saes:fixed"])}
     return sorted(records, key=lambda r: (r["ratio"] if r["method"] != "dense" else -1, order.get(r["method"], 99)))
 
 

@@ -2,9 +2,9 @@
 
 hidden 8192, intermediate 28672, 64 heads, 8 KV heads (GQA), vocab 128256, L layers (default 2).
 Weights are N(0, 0.02) (LLaMA's initializer range; trained 70B linears have a similar spread),
-norms are ones, stored in bf16 as one safetensors shard per block plus one for the rest, with a
-`model.safetensors.index.json`, exactly as a hub checkpoint is laid out. One tensor is in
-memory at a time, so generating needs about 1 GiB beyond the largest tensor.
+norms are ones, stored in bf16 as one safetensors shard per block plus shards for the embedding
+and the head, with a `model.safetensors.index.json`, as a hub checkpoint is laid out. One shard
+is in memory at a time (a block: 1.7 GiB in bf16), generated in row chunks without fp32 copies.
 
     python benchmarks/synthetic_checkpoint.py --layers 4 --out /scratch/llama70b-l4
 """
@@ -31,10 +31,14 @@ def block_shapes(cfg: dict) -> dict:
             "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
 
 
-def _tensor(shape, generator, dtype, std=0.02) -> torch.Tensor:
+def _tensor(shape, generator, dtype, std=0.02, chunk_rows=2048) -> torch.Tensor:
     if len(shape) == 1:  # RMSNorm scales
         return torch.ones(shape, dtype=dtype)
-    return (torch.randn(shape, generator=generator) * std).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    for start in range(0, shape[0], chunk_rows):  # fp32 only one chunk at a time
+        rows = out[start:start + chunk_rows]
+        rows.copy_(torch.randn(rows.shape, generator=generator).mul_(std))
+    return out
 
 
 def write_checkpoint(out: str, layers: int, dtype=torch.bfloat16, seed: int = 0, **overrides) -> str:
@@ -45,9 +49,11 @@ def write_checkpoint(out: str, layers: int, dtype=torch.bfloat16, seed: int = 0,
     cfg = dict(LLAMA_70B, num_hidden_layers=layers, **overrides)
     index_path = os.path.join(out, "model.safetensors.index.json")
     config = LlamaConfig(**cfg, dtype=str(dtype).removeprefix("torch."))
-    if os.path.exists(index_path) and os.path.exists(os.path.join(out, "config.json")):
-        with open(os.path.join(out, "config.json")) as f:
-            if {k: v for k, v in json.load(f).items() if k in cfg} == {k: v for k, v in config.to_dict().items() if k in cfg}:
+    identity = {"generator": "lowrank-engine synthetic", "seed": str(seed), "dtype": str(dtype),
+                "config": json.dumps(cfg, sort_keys=True)}
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            if json.load(f).get("metadata") == identity:
                 return out
     os.makedirs(out, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
@@ -58,19 +64,19 @@ def write_checkpoint(out: str, layers: int, dtype=torch.bfloat16, seed: int = 0,
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
         weight_map.update({t: name for t in tensors})
 
-    total = layers + 1
+    total = layers + 2
     h, v = cfg["hidden_size"], cfg["vocab_size"]
-    write_shard(f"model-00000-of-{total:05d}.safetensors", {
-        "model.embed_tokens.weight": _tensor((v, h), generator, dtype),
-        "lm_head.weight": _tensor((v, h), generator, dtype),
-        "model.norm.weight": _tensor((h,), generator, dtype)})
+    write_shard(f"model-00001-of-{total:05d}.safetensors", {
+        "model.embed_tokens.weight": _tensor((v, h), generator, dtype)})
     for layer in range(layers):
         tensors = {f"model.layers.{layer}.{n}": _tensor(s, generator, dtype) for n, s in block_shapes(cfg).items()}
-        write_shard(f"model-{layer + 1:05d}-of-{total:05d}.safetensors", tensors)
+        write_shard(f"model-{layer + 2:05d}-of-{total:05d}.safetensors", tensors)
         print(f"[synthetic] block {layer + 1}/{layers} written", file=sys.stderr, flush=True)
+    write_shard(f"model-{total:05d}-of-{total:05d}.safetensors", {
+        "lm_head.weight": _tensor((v, h), generator, dtype), "model.norm.weight": _tensor((h,), generator, dtype)})
     config.save_pretrained(out)
     with open(index_path + ".tmp", "w") as f:  # the index last: its presence marks a complete checkpoint
-        json.dump({"metadata": {"format": "lowrank-engine synthetic"}, "weight_map": weight_map}, f, indent=1)
+        json.dump({"metadata": identity, "weight_map": weight_map}, f, indent=1)
     os.replace(index_path + ".tmp", index_path)
     return out
 

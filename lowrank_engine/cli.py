@@ -40,9 +40,10 @@ def _add_compress(sub):
     p.add_argument("--beta-search", default="exact", choices=sorted(solvers.BETA_SEARCHES),
                    help="saes only: ACES β search, exact 1-D search or fixed-subspace closed form")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
-    p.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+    p.add_argument("--offload", default="none", nargs="?", const="cpu", choices=["none", "cpu", "disk"],
                    help="where the two activation streams live: on the compute device, in pinned CPU memory, "
-                        "or memory-mapped files next to the output (one batch resident at a time)")
+                        "or memory-mapped files in <output>.partial ($TMPDIR with --no-save), one batch resident "
+                        "at a time; a bare --offload means cpu")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--max-memory", default=None,
                    help="memory budget, e.g. 20GiB (compute device) or cuda:60GiB,cpu:24GiB; the run stops before "
@@ -197,17 +198,27 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from lowrank_engine import distributed
+
+    failed = True
     try:
-        return args.func(args)
+        code = args.func(args)
+        failed = False
+        return code
     except (ValueError, OSError, json.JSONDecodeError) as exc:  # every engine error is a ValueError subclass
         if args.verbose:
+            import traceback
+
+            traceback.print_exc()  # printed before a failing distributed rank exits hard
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"lowrank-engine: error: {message}", file=sys.stderr)
+        print(f"lowrank-engine: error: {message}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("lowrank-engine: interrupted (finished blocks are kept; rerun with --resume)", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown(failed)
 
 
 if __name__ == "__main__":

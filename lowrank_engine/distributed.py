@@ -7,6 +7,7 @@ holds the same compressed block before the streams move on. Rank 0 writes the ou
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -33,8 +34,19 @@ def init_from_env(device: str) -> str:
     if on_gpu:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    # non-owner ranks wait while one rank whitens a 28672-wide metric, which on a CPU takes long
+    minutes = float(os.environ.get("LOWRANK_ENGINE_DIST_TIMEOUT_MIN", "180"))
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=minutes))
     return device
+
+
+def shutdown(failed: bool) -> None:
+    """A failing rank exits at once: its peers' collectives then fail instead of waiting for the timeout."""
+    if not dist.is_initialized():
+        return
+    if failed:
+        os._exit(2)
+    dist.destroy_process_group()
 
 
 def shard(input_ids: torch.Tensor) -> torch.Tensor:
@@ -51,6 +63,11 @@ def all_reduce_sum_(*tensors) -> None:
         for t in tensors:
             if t is not None:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_reduce_max_(t: torch.Tensor) -> None:
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
 
 
 def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -74,13 +74,9 @@ class MemoryPlan:
 
 
 def _groups(block) -> list[tuple[int, int]]:
-    """(in_features, largest out_features) per input group, guessed from shapes: linears under the
-    same parent reading the same width share their input (q/k/v, gate/up)."""
-    groups: dict[tuple, int] = {}
-    for name, linear in block_linears(block).items():
-        key = (name.rpartition(".")[0], linear.in_features)
-        groups[key] = max(groups.get(key, 0), linear.out_features)
-    return [(n, m) for (_, n), m in groups.items()]
+    """(in_features, out_features) per linear. Which linears share an input is known only after a
+    forward pass, so every linear counts as its own group: an upper bound (q/k/v share one)."""
+    return [(linear.in_features, linear.out_features) for linear in block_linears(block).values()]
 
 
 def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: int, batch_size: int,
@@ -101,12 +97,18 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
     plan.add("cpu", "process", PROCESS_BASELINE)
     block_bytes = max(source.block_bytes(i) for i in range(len(source.blocks)))
     plan.add(compute, "dense + compressed block", 2 * block_bytes)
-    plan.add(compute, "embeddings, norms, head", source.non_block_bytes())
+    resident = source.resident_bytes()
+    if resident:  # an in-memory model, or compressed blocks kept for evaluation
+        plan.add("cpu", "resident model", resident)
+    if not source.drops_non_block_after_capture:  # a streaming run frees them before block 0
+        plan.add(compute, "embeddings, norms, head", source.non_block_bytes())
 
     groups = max((_groups(b) for b in source.blocks), key=lambda g: sum(n * n for n, _ in g))
     if two_stream:
         plan.add(compute, "statistics (fp32)", 3 * 4 * max(n * n for n, _ in groups))
-    elif method.needs:
+        if solve_bytes != 4:  # the solver's own copies of A, B, C in its dtype
+            plan.add(compute, "statistics (solve dtype)", 3 * solve_bytes * max(n * n for n, _ in groups))
+    elif "A" in method.needs:
         plan.add(compute, "statistics (fp32)", 4 * sum(n * n for n, _ in groups))
     if method.coefficients is not None or method.adaptive_beta:
         # metric, eigenvectors, L⁻ᵀ and a product of the metric's size; G and its SVD factors

@@ -299,6 +299,17 @@ class BlockSource:
     def activation_dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @property
+    def drops_non_block_after_capture(self) -> bool:
+        return False
+
+    def resident_bytes(self) -> int:
+        """Bytes held for the whole run besides the current block: here, the in-memory model."""
+        return sum(self.block_bytes(i) for i in range(len(self.blocks))) + self.non_block_bytes()
+
+    def after_capture(self) -> None:
+        """Called once block 0's inputs exist; in-memory models keep everything."""
+
     def release(self, index: int, compressed: nn.Module) -> None:
         self.blocks[index] = compressed.to("cpu")
 
@@ -330,7 +341,35 @@ class LazyBlockSource(BlockSource):
 
     def non_block_state(self) -> dict:
         prefix = self.blocks_name + "."
-        return {n: t for n, t in checkpoint.state_dict_for_saving(self.model).items() if not n.startswith(prefix)}
+        state = {n: t for n, t in checkpoint.state_dict_for_saving(self.model).items() if not n.startswith(prefix)}
+        dropped = [n for n, t in state.items() if t.is_meta]  # freed after capture: read them again
+        for n in dropped:
+            del state[n]
+        state.update(checkpoint.read_tensors(self.files, [n for n in dropped if n in self.files]))
+        return state
+
+    @property
+    def drops_non_block_after_capture(self) -> bool:
+        return not self.keep_compressed
+
+    def resident_bytes(self) -> int:
+        """Compressed blocks kept in memory (for evaluation) accumulate; streamed ones go to disk."""
+        return sum(self.block_bytes(i) for i in range(len(self.blocks))) if self.keep_compressed else 0
+
+    def after_capture(self) -> None:
+        """A streaming run needs embeddings, final norm and head only to make block 0's input: free them
+        (for a 70B model that is 4 GiB of embedding and head)."""
+        if not self.drops_non_block_after_capture:
+            return
+        prefix = self.blocks_name + "."
+        dropped: dict[int, nn.Parameter] = {}
+        for name, module in self.model.named_modules():
+            if name == self.blocks_name or name.startswith(prefix):
+                continue
+            for pname, param in list(module.named_parameters(recurse=False)):
+                if id(param) not in dropped:  # tied weights stay tied
+                    dropped[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                module._parameters[pname] = dropped[id(param)]
 
     def block_bytes(self, index: int) -> int:
         prefix = f"{self.blocks_name}.{index}."
@@ -440,28 +479,33 @@ class Compressor:
         # dense pass: X_next, plus the dense inputs each group needs. Single-stream methods fold X
         # into A on the fly; two-stream methods keep X to pair it with X' (C = XᵀX').
         with self._timed("statistics"):
-            fold_into_A = not two_stream and "A" in needs
+            fold = not two_stream and bool(needs & {"A", "D"})  # single-stream: reduce X as it passes
             dense_inputs = {g[0]: self.store.stream("in") for g in groups} if two_stream and needs & {"A", "C"} else {}
-            single_stats = {g[0]: solvers.GroupStatistics(A=torch.zeros(
-                linears[g[0]].in_features, linears[g[0]].in_features, device=self.device)) for g in groups} \
-                if fold_into_A else {}
+            single_stats = {g[0]: self._empty_single_stats(linears[g[0]].in_features) for g in groups} if fold else {}
 
             def keep_input(mod, args, first):
                 _check_finite(args[0], f"block {index} {first}")
-                if fold_into_A:
-                    ops.covariance_accumulate(single_stats[first].A, args[0])
+                if fold:
+                    self._fold(single_stats[first], args[0])
                 else:
                     dense_inputs[first].append(args[0])
 
             handles = [dense.get_submodule(g[0]).register_forward_pre_hook(
                 lambda mod, args, first=g[0]: keep_input(mod, args, first))
-                for g in groups if fold_into_A or g[0] in dense_inputs]
+                for g in groups if fold or g[0] in dense_inputs]
             try:
                 x_next = self._propagate(dense, x_stream, kwargs)
             finally:
                 for h in handles:
                     h.remove()
-            distributed.all_reduce_sum_(*(st.A for st in single_stats.values()))
+            for st in single_stats.values():
+                distributed.all_reduce_sum_(st.A)
+                if st.D is not None:
+                    st.tokens = int(distributed.all_reduce_sum_tensor(torch.tensor([st.tokens])))
+                    if method.diagonal == "absmax":
+                        distributed.all_reduce_max_(st.D)
+                    else:
+                        distributed.all_reduce_sum_(st.D)
 
         ranks = {name: module_rank(self._full(index, name), linears[name], cfg) for name in linears}
 
@@ -513,6 +557,22 @@ class Compressor:
         report.output_rel_mse, report.output_cosine_distance = stream_error(x_next, xp_next)
         return comp, x_next, xp_next, report
 
+    def _empty_single_stats(self, n: int) -> solvers.GroupStatistics:
+        if self.method.diagonal:
+            return solvers.GroupStatistics(D=torch.zeros(n, dtype=torch.float32, device=self.device))
+        return solvers.GroupStatistics(A=torch.zeros(n, n, dtype=torch.float32, device=self.device))
+
+    def _fold(self, stats: solvers.GroupStatistics, x: torch.Tensor) -> None:
+        if stats.A is not None:
+            ops.covariance_accumulate(stats.A, x)
+            return
+        flat = x.reshape(-1, x.shape[-1]).float().abs()
+        if self.method.diagonal == "absmax":
+            torch.maximum(stats.D, flat.amax(0), out=stats.D)
+        else:
+            stats.D += flat.sum(0)
+        stats.tokens += flat.shape[0]
+
     def _share_factors(self, group: list, factors: Optional[dict], linears: dict, ranks: dict, owner: int) -> dict:
         """Broadcast one group's factors from the rank that solved it."""
         meta = distributed.broadcast_object(
@@ -558,9 +618,9 @@ class Compressor:
     def memory_plan(self, input_ids: torch.Tensor) -> memory.MemoryPlan:
         """The planned peak per device; raises MemoryBudgetError when `max_memory` cannot hold a block."""
         cfg = self.cfg
-        input_ids = distributed.shard(input_ids)
+        per_rank = -(-input_ids.shape[0] // self.world)  # the largest shard: every rank plans (and fails) alike
         plan = memory.plan(self.source, self.method, device=cfg.device, offload=self.offload,
-                           n_samples=input_ids.shape[0], seqlen=input_ids.shape[1], batch_size=cfg.batch_size,
+                           n_samples=per_rank, seqlen=input_ids.shape[1], batch_size=cfg.batch_size,
                            solve_dtype=self.dtype, track_error=cfg.track_error)
         if cfg.max_memory:
             plan.check(memory.parse_budget(cfg.max_memory, cfg.device))
@@ -588,9 +648,9 @@ class Compressor:
             result = self._run(input_ids, done, start)
         finally:
             self.store.close()
-            if spill:
+            for empty in (spill, os.path.dirname(spill)) if spill else ():
                 try:
-                    os.rmdir(os.path.dirname(spill))  # only when no other rank still spills there
+                    os.rmdir(empty)  # the parent only once no other rank still spills there
                 except OSError:
                     pass
         measured = f"measured peak: cpu {result.peak_rss_mb / 1024:.2f} GiB (RSS)"
@@ -605,6 +665,7 @@ class Compressor:
         with self._timed_global("capture"):
             x_stream = self.store.stream("x")
             kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device, x_stream)
+        src.after_capture()
         needs_xp = bool(self.method.needs & {"B", "C"}) or cfg.track_error
         xp_stream = self.store.copy(x_stream, "xp") if needs_xp else self.store.stream("xp")
         show = self.progress and self.rank == 0
@@ -648,12 +709,9 @@ class Compressor:
     def _resume_state(self) -> set:
         if not self.work_dir:
             return set()
-        if self.rank != 0:  # rank 0 creates or checks the run's state first
-            distributed.barrier()
-            return self._read_progress()
-        done = self._read_progress()
-        distributed.barrier()
-        return done
+        # rank 0 alone reads the state, so every rank replays the same blocks (no shared-FS races)
+        done = self._read_progress() if self.rank == 0 else None
+        return distributed.broadcast_object(done, src=0)
 
     def _read_progress(self) -> set:
         os.makedirs(os.path.join(self.work_dir, "blocks"), exist_ok=True)

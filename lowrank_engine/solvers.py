@@ -45,12 +45,16 @@ class Method:
     name: str
     coefficients: Optional[Coefficients]  # None: plain SVD (H = I, P = W)
     adaptive_beta: bool = False  # SAES: β chosen per layer by ACES
+    diagonal: Optional[str] = None  # ASVD: H = diag(s)², s = (per-channel |x| statistic)^α, P = W H
+    alpha: float = 0.5
     description: str = ""
 
     @property
     def needs(self) -> frozenset:
         if self.adaptive_beta:
             return frozenset({"B", "C"})
+        if self.diagonal:
+            return frozenset({"D"})
         return frozenset() if self.coefficients is None else self.coefficients.needs
 
 
@@ -67,6 +71,8 @@ METHODS = {
         Method("shift-aware", Coefficients(0, 1, 0, 0, 1), description="‖WX' − W'X'‖ (Dobi-like)"),
         Method("aa-svd", Coefficients(0, 1, 0, 1, 0), description="anchored ‖WX − W'X'‖ (AA-SVD stage 1)"),
         Method("saes", None, adaptive_beta=True, description="CEALC with ACES choosing β per layer"),
+        Method("asvd", None, diagonal="absmean", description="‖(W − W')S‖, S = diag(mean|x|)^½ (ASVD)"),
+        Method("asvd-max", None, diagonal="absmax", description="‖(W − W')S‖, S = diag(max|x|)^½ (ASVD)"),
     )
 }
 
@@ -119,7 +125,8 @@ def whitening_from_ops(L_inv: torch.Tensor, num_clamped, info) -> Whitening:
 
 def whiten_many(Hs: list[torch.Tensor], eps_rel: float = 1e-6) -> list[Whitening]:
     """Whiten several same-sized matrices in one batched op call."""
-    _, L_inv, _, _, num_clamped, info = ops.whiten_ex(torch.stack(Hs), eps_rel)
+    batch = Hs[0].unsqueeze(0) if len(Hs) == 1 else torch.stack(Hs)  # no copy of a lone (maybe 28672²) metric
+    _, L_inv, _, _, num_clamped, info = ops.whiten_ex(batch, eps_rel)
     return [whitening_from_ops(L_inv[i], num_clamped[i], info[i]) for i in range(len(Hs))]
 
 
@@ -164,6 +171,22 @@ def solve(W: torch.Tensor, H: Optional[torch.Tensor], P: Optional[torch.Tensor],
     _, L_inv, _, _, num_clamped, info = ops.whiten_ex(H, eps_rel)
     L_inv_T = L_inv.mT
     return factorize_whitened(P @ L_inv_T, L_inv_T, rank)
+
+
+def solve_diagonal(W: torch.Tensor, s: torch.Tensor, rank: int) -> Factors:
+    """H = diag(s)², P = W H: the whitening is diag(s), so G = W·diag(s) and V = diag(1/s)·V_k."""
+    f = factorize_whitened(W * s, None, rank)
+    f.V = f.V / s[:, None]
+    return f
+
+
+def diagonal_scale(stats: "GroupStatistics", method: Method, eps_rel: float = 1e-6) -> torch.Tensor:
+    """s = statistic^α, with the same relative clamp as eigh whitening (s² ≥ eps_rel·max s²)."""
+    if stats.D is None:
+        raise ValueError(f"{method.name} needs the per-channel activation statistic, which was not collected")
+    stat = stats.D.double() / max(stats.tokens, 1) if method.diagonal == "absmean" else stats.D.double()
+    s = stat.clamp_min(0) ** method.alpha
+    return s.clamp_min(math.sqrt(eps_rel) * float(s.max()) if float(s.max()) > 0 else 1.0)
 
 
 def objective(Wp: torch.Tensor, H: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
@@ -278,6 +301,8 @@ class GroupStatistics:
     A: Optional[torch.Tensor] = None
     B: Optional[torch.Tensor] = None
     C: Optional[torch.Tensor] = None
+    D: Optional[torch.Tensor] = None  # per-input-channel Σ|x| (absmean) or max|x| (absmax), length n
+    tokens: int = 0
 
 
 def _combine(stats: GroupStatistics, terms: tuple[tuple[float, str], ...]) -> Optional[torch.Tensor]:
@@ -301,6 +326,9 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
                 dtype: torch.dtype = torch.float64, whitening: Optional[Whitening] = None) -> dict[str, Factors]:
     """Factorize every linear of a group; the whitening is shared by the group (or given, when batched)."""
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    if method.diagonal:
+        scale = diagonal_scale(stats, method, eps_rel).to(dtype)
+        return {name: solve_diagonal(W.to(dtype), scale, ranks[name]) for name, W in weights.items()}
     stats = GroupStatistics(cast(stats.A), cast(stats.B), cast(stats.C))
     Ws = {name: W.to(dtype) for name, W in weights.items()}
     coeffs = method.coefficients

@@ -65,13 +65,14 @@ class StreamStore:
         self.mode = normalize_offload(mode)
         self.device = torch.device(device)
         self.pin = self.mode == "cpu" and self.device.type == "cuda"
-        self._owned_dir = None
         self.directory = None
         if self.mode == "disk":
-            if directory is None:
-                directory = self._owned_dir = tempfile.mkdtemp(prefix="lowrank-streams-")
-            os.makedirs(directory, exist_ok=True)
-            self.directory = directory
+            # `directory` is a parent (e.g. <output>.partial/streams/rank0): stale spills of a killed
+            # run are cleared, and this store keeps to a private subdirectory it alone removes
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+                os.makedirs(directory, exist_ok=True)
+            self.directory = tempfile.mkdtemp(prefix="lowrank-streams-", dir=directory)
         self._ids = itertools.count()
 
     @property
@@ -115,8 +116,6 @@ class StreamStore:
         return torch.from_file(path, shared=False, size=numel, dtype=dtype).view(shape)
 
     def close(self) -> None:
-        if self._owned_dir is not None:
-            shutil.rmtree(self._owned_dir, ignore_errors=True)
-            self._owned_dir = None
-        elif self.directory is not None:
+        if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None

@@ -131,7 +131,7 @@ def test_run_prints_planned_and_measured_peak(sharded_checkpoint, tmp_path, caps
     assert "planned peak on cpu" in text and "measured peak: cpu" in text
 
 
-@pytest.mark.parametrize("method", ["svd-llm", "saes"])
+@pytest.mark.parametrize("method", ["svd-llm", "saes", "asvd-max"])
 def test_two_gloo_processes_match_one(sharded_checkpoint, tmp_path, method):
     """torchrun with 2 CPU processes (gloo): windows split, statistics all-reduced, solves spread, factors
     broadcast; the result equals a one-process run to fp32 round-off."""
@@ -160,3 +160,14 @@ def test_two_gloo_processes_match_one(sharded_checkpoint, tmp_path, method):
     # barely excites (down_proj sees 128 tokens for 112 inputs), so only most weights agree to 1e-4
     assert float((la - lb).abs().max()) < 1e-4 * float(la.abs().max())
     assert sorted(errs)[len(errs) // 2] < 1e-4 and max(errs) < 0.05  # a wrong broadcast gives ~1
+
+
+def test_streaming_run_frees_embeddings_and_rereads_them(sharded_checkpoint, tmp_path):
+    path = str(sharded_checkpoint / "model")
+    source = pipeline.LazyBlockSource(path, keep_compressed=False)
+    before = {k: v.clone() for k, v in source.non_block_state().items()}
+    cfg = pipeline.CompressionConfig(method="svd-llm", ratio=0.3)
+    pipeline.Compressor(source, cfg, work_dir=str(tmp_path / "w"), progress=False).run(_ids())
+    assert source.model.get_input_embeddings().weight.is_meta  # freed once block 0's input existed
+    after = source.non_block_state()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -131,3 +131,24 @@ def test_rank_rules():
         for ratio in (0.01, 0.5, 0.99):
             k = solvers.rank_for_ratio(m, n, ratio)
             assert k * (m + n) < m * n or k == 1
+
+
+@pytest.mark.parametrize("stat", ["absmean", "absmax"])
+def test_asvd_reaches_the_diagonal_metric_optimum(stat):
+    """ASVD is the solver with H = diag(s)², P = W H (DESIGN §1): same closed-form optimum."""
+    m, n, k = 21, 15, 4
+    W = torch.randn(m, n, dtype=torch.float64)
+    X = torch.randn(90, n, dtype=torch.float64) * torch.rand(n, dtype=torch.float64) * 5
+    X[:, 2] *= 40.0  # an outlier channel: ASVD's reason to exist
+    method = solvers.get_method("asvd" if stat == "absmean" else "asvd-max")
+    D = X.abs().sum(0) if stat == "absmean" else X.abs().amax(0)
+    stats = solvers.GroupStatistics(D=D, tokens=X.shape[0])
+    f = solvers.solve_group(method, {"w": W}, {"w": k}, stats)["w"]
+    s = (X.abs().mean(0) if stat == "absmean" else X.abs().amax(0)) ** 0.5
+    H = torch.diag(s ** 2)
+    P = W @ H
+    theoretical = -float((torch.linalg.svdvals(W * s)[:k] ** 2).sum())
+    assert float(solvers.objective(f.U @ f.V.T, H, P)) == pytest.approx(theoretical, rel=1e-9)
+    # and it matches the generic eigh-whitened solver on the same metric
+    g = solvers.solve(W, H, P, k, eps_rel=1e-12)
+    torch.testing.assert_close(f.U @ f.V.T, g.U @ g.V.T)
