@@ -39,6 +39,10 @@ def _add_compress(sub):
     p.add_argument("--seed", type=int, default=0, help="seed for window sampling and self-calibration")
     p.add_argument("--beta-search", default="exact", choices=sorted(solvers.BETA_SEARCHES),
                    help="saes only: ACES β search, exact 1-D search or fixed-subspace closed form")
+    p.add_argument("--residual-split", type=float, default=solvers.RESIDUAL_SPLIT,
+                   help="erc-svd only: share of each rank given to stage 1 (the rest compensates the residual)")
+    p.add_argument("--residual-stage2", default=solvers.RESIDUAL_STAGE2, choices=["aa-svd", "shift-aware"],
+                   help="erc-svd only: the objective of the residual stage (aa-svd: WX − W₁X' on X')")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
     p.add_argument("--offload", default="none", nargs="?", const="cpu", choices=["none", "cpu", "disk"],
                    help="where the two activation streams live: on the compute device, in pinned CPU memory, "
@@ -104,7 +108,9 @@ def cmd_compress(args) -> int:
     spec = job.JobSpec(model=args.model, method=args.method, ratio=args.ratio, rank_map=args.rank_map,
                        calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                        beta_search=args.beta_search, device=args.device, offload=args.offload,
-                       batch_size=args.batch_size, max_memory=args.max_memory, solve_dtype=args.solve_dtype,
+                       batch_size=args.batch_size, max_memory=args.max_memory,
+                       residual_split=args.residual_split, residual_stage2=args.residual_stage2,
+                       solve_dtype=args.solve_dtype,
                        output=args.output, resume=args.resume, save=not args.no_save,
                        eval_sets=_eval_sets(args.eval_sets), eval_windows=_windows(args.eval_windows),
                        eval_seqlen=args.eval_seqlen, fidelity_samples=args.fidelity_samples,

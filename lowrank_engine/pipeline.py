@@ -49,6 +49,8 @@ class CompressionConfig:
     solve_dtype: Optional[str] = None  # float64 on CPU, float32 on GPU by default
     track_error: bool = True  # propagate X' for single-stream methods too, to report the per-block error
     max_memory: Optional[str] = None  # e.g. "20GiB" (compute device) or "cuda:60GiB,cpu:24GiB"
+    residual_split: float = solvers.RESIDUAL_SPLIT  # erc-svd: share of each rank for stage 1
+    residual_stage2: str = solvers.RESIDUAL_STAGE2  # erc-svd: stage 2's objective (aa-svd or shift-aware)
 
     def fingerprint(self) -> str:
         relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "offload", "batch_size", "track_error",
@@ -404,6 +406,8 @@ class Compressor:
             raise ValueError(f"unknown beta search {cfg.beta_search!r}; choose {', '.join(solvers.BETA_SEARCHES)}")
         if cfg.ratio is not None and not 0.0 < cfg.ratio < 1.0:
             raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {cfg.ratio}")
+        if not 0.0 < cfg.residual_split <= 1.0:
+            raise ValueError(f"residual split must be in (0, 1], got {cfg.residual_split}")
         if cfg.ratio is None and not cfg.rank_map:
             raise ValueError("give a ratio or a rank map")
         self.device = torch.device(cfg.device)
@@ -514,7 +518,8 @@ class Compressor:
             with self._timed("solve"):
                 return solvers.solve_group(method, weights, {n: ranks[n] for n in group}, stats,
                                            eps_rel=cfg.eps_rel, beta_search=cfg.beta_search,
-                                           beta_max=cfg.beta_max, dtype=self.dtype, whitening=whitening)
+                                           beta_max=cfg.beta_max, dtype=self.dtype, whitening=whitening,
+                                           residual_split=cfg.residual_split, residual_stage2=cfg.residual_stage2)
 
         def install(group, factors):
             if self.world > 1:

@@ -47,6 +47,7 @@ class Method:
     adaptive_beta: bool = False  # SAES: β chosen per layer by ACES
     diagonal: Optional[str] = None  # ASVD: H = diag(s)², s = (per-channel |x| statistic)^α, P = W H
     alpha: float = 0.5
+    residual: bool = False  # ERC-SVD: stage 2 compensates W − W₁ with its own objective (see solve_residual)
     description: str = ""
 
     @property
@@ -55,6 +56,8 @@ class Method:
             return frozenset({"B", "C"})
         if self.diagonal:
             return frozenset({"D"})
+        if self.residual:  # stage 2's objective may be any two-stream coefficient set
+            return frozenset({"A", "B", "C"})
         return frozenset() if self.coefficients is None else self.coefficients.needs
 
 
@@ -71,6 +74,8 @@ METHODS = {
         Method("shift-aware", Coefficients(0, 1, 0, 0, 1), description="‖WX' − W'X'‖ (Dobi-like)"),
         Method("aa-svd", Coefficients(0, 1, 0, 1, 0), description="anchored ‖WX − W'X'‖ (AA-SVD stage 1)"),
         Method("saes", None, adaptive_beta=True, description="CEALC with ACES choosing β per layer"),
+        Method("erc-svd", Coefficients(1, 0, 1, 0, 0), residual=True,
+               description="SVD-LLM at rank k₁, then the residual at rank k₂ on ‖WX − W₁X' − R'X'‖ (ERC-SVD)"),
         Method("asvd", None, diagonal="absmean", description="‖(W − W')S‖, S = diag(mean|x|)^½ (ASVD)"),
         Method("asvd-max", None, diagonal="absmax", description="‖(W − W')S‖, S = diag(max|x|)^½ (ASVD)"),
     )
@@ -137,16 +142,21 @@ class Factors:
     sigma: torch.Tensor  # all singular values of G (descending)
     rank: int
     beta: Optional[float] = None
+    sigma_rank: Optional[int] = None  # how many of sigma were kept, when not `rank` (ERC's stage 2)
 
     @property
     def truncation_loss(self) -> float:
         """Σ_{i>k} σ_i(G)²: the excess of the objective over its unconstrained optimum."""
-        return float((self.sigma[self.rank:] ** 2).sum())
+        return float((self.sigma[self.kept:] ** 2).sum())
 
     @property
     def retained_energy(self) -> float:
         total = float((self.sigma ** 2).sum())
-        return float((self.sigma[: self.rank] ** 2).sum()) / total if total > 0 else 1.0
+        return float((self.sigma[: self.kept] ** 2).sum()) / total if total > 0 else 1.0
+
+    @property
+    def kept(self) -> int:
+        return self.rank if self.sigma_rank is None else self.sigma_rank
 
 
 def factorize_whitened(G: torch.Tensor, L_inv_T: Optional[torch.Tensor], rank: int) -> Factors:
@@ -171,6 +181,21 @@ def solve(W: torch.Tensor, H: Optional[torch.Tensor], P: Optional[torch.Tensor],
     _, L_inv, _, _, num_clamped, info = ops.whiten_ex(H, eps_rel)
     L_inv_T = L_inv.mT
     return factorize_whitened(P @ L_inv_T, L_inv_T, rank)
+
+
+def solve_residual(W: torch.Tensor, stage1: Factors, stats: "GroupStatistics", stage2: Coefficients, rank2: int,
+                   eps_rel: float = 1e-6, white2: Optional["Whitening"] = None) -> Factors:
+    """ERC-SVD stage 2: fit R' (rank k₂) to W − W₁ under stage 2's objective, P₂ = W·M₂ − W₁·H₂
+    (default anchored: target WX on the compressed inputs X', so H₂ = B, P₂ = WC − W₁B); the
+    factors are concatenated. A stage 2 with stage 1's metric would add nothing (Eckart–Young)."""
+    W1 = stage1.U @ stage1.V.mT
+    H2 = combine_metric(stage2, stats)
+    P2 = W @ _combine(stats, ((stage2.c, "A"), (stage2.d, "C"), (stage2.e, "B"))) - W1 @ H2
+    if white2 is None:
+        (white2,) = whiten_many([H2], eps_rel)
+    f2 = factorize_whitened(P2 @ white2.L_inv_T.to(W.dtype), white2.L_inv_T.to(W.dtype), rank2)
+    return Factors(U=torch.cat([stage1.U, f2.U], 1), V=torch.cat([stage1.V, f2.V], 1), sigma=f2.sigma,
+                   rank=stage1.rank + rank2, sigma_rank=rank2)
 
 
 def solve_diagonal(W: torch.Tensor, s: torch.Tensor, rank: int) -> Factors:
@@ -321,9 +346,14 @@ def combine_metric(coeffs: Coefficients, stats: GroupStatistics) -> torch.Tensor
     return _combine(stats, ((coeffs.a, "A"), (coeffs.b, "B")))
 
 
+RESIDUAL_SPLIT = 0.75  # ERC-SVD: share of each rank given to stage 1
+RESIDUAL_STAGE2 = "aa-svd"
+
+
 def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[str, int], stats: GroupStatistics,
                 eps_rel: float = 1e-6, beta_search: str = "exact", beta_max: float = BETA_MAX,
-                dtype: torch.dtype = torch.float64, whitening: Optional[Whitening] = None) -> dict[str, Factors]:
+                dtype: torch.dtype = torch.float64, whitening: Optional[Whitening] = None,
+                residual_split: float = RESIDUAL_SPLIT, residual_stage2: str = RESIDUAL_STAGE2) -> dict[str, Factors]:
     """Factorize every linear of a group; the whitening is shared by the group (or given, when batched)."""
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     if method.diagonal:
@@ -341,6 +371,7 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
         H = stats.B if method.adaptive_beta else combine_metric(coeffs, stats)
         (white,) = whiten_many([H], eps_rel)
     white = Whitening(white.L_inv_T.to(dtype), white.num_clamped, white.retried_fp64)
+    white2 = None
     out = {}
     for name, W in Ws.items():
         k = ranks[name]
@@ -356,6 +387,18 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
             f.beta = beta
         else:
             M = _combine(stats, ((coeffs.c, "A"), (coeffs.d, "C"), (coeffs.e, "B")))
-            f = factorize_whitened(W @ (M @ white.L_inv_T), white.L_inv_T, k)
+            if method.residual:
+                k1 = min(k, max(1, round(residual_split * k)))
+                f = factorize_whitened(W @ (M @ white.L_inv_T), white.L_inv_T, k1)
+                if k > k1:
+                    stage2 = get_method(residual_stage2).coefficients
+                    if stage2 is None or not stage2.needs & {"B", "C"}:
+                        raise ValueError(f"ERC stage 2 needs a two-stream objective (shift-aware or aa-svd), "
+                                         f"got {residual_stage2!r}")
+                    if white2 is None:  # shared by the group, like stage 1's
+                        (white2,) = whiten_many([combine_metric(stage2, stats)], eps_rel)
+                    f = solve_residual(W, f, stats, stage2, k - k1, eps_rel, white2)
+            else:
+                f = factorize_whitened(W @ (M @ white.L_inv_T), white.L_inv_T, k)
         out[name] = f
     return out

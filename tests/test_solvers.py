@@ -152,3 +152,42 @@ def test_asvd_reaches_the_diagonal_metric_optimum(stat):
     # and it matches the generic eigh-whitened solver on the same metric
     g = solvers.solve(W, H, P, k, eps_rel=1e-12)
     torch.testing.assert_close(f.U @ f.V.T, g.U @ g.V.T)
+
+
+def _two_stream_stats(n, shift):
+    X = torch.randn(160, n, dtype=torch.float64)
+    X[:, 1] *= 20.0
+    Xp = X + shift * torch.randn_like(X)
+    return X, Xp, solvers.GroupStatistics(A=X.T @ X, B=Xp.T @ Xp, C=X.T @ Xp)
+
+
+def test_erc_without_shift_is_one_truncation():
+    """Same metric in both stages (X' = X) adds nothing beyond Eckart–Young: ERC = SVD-LLM at rank k."""
+    m, n, k = 18, 14, 6
+    W = torch.randn(m, n, dtype=torch.float64)
+    _, _, stats = _two_stream_stats(n, 0.0)
+    erc = solvers.solve_group(solvers.get_method("erc-svd"), {"w": W}, {"w": k}, stats, eps_rel=1e-12)["w"]
+    ref = solvers.solve_group(solvers.get_method("svd-llm"), {"w": W}, {"w": k}, stats, eps_rel=1e-12)["w"]
+    assert erc.U.shape == (m, k) and erc.V.shape == (n, k)
+    torch.testing.assert_close(erc.U @ erc.V.T, ref.U @ ref.V.T)
+
+
+@pytest.mark.parametrize("stage2", ["aa-svd", "shift-aware"])
+def test_erc_residual_stage_reaches_its_optimum(stage2):
+    m, n, k = 20, 16, 8
+    W = torch.randn(m, n, dtype=torch.float64)
+    X, Xp, stats = _two_stream_stats(n, 0.3)
+    method = solvers.get_method("erc-svd")
+    f = solvers.solve_group(method, {"w": W}, {"w": k}, stats, eps_rel=1e-12, residual_split=0.5,
+                            residual_stage2=stage2)["w"]
+    stage1 = solvers.solve_group(solvers.get_method("svd-llm"), {"w": W}, {"w": 4}, stats, eps_rel=1e-12)["w"]
+    W1 = stage1.U @ stage1.V.T
+    torch.testing.assert_close(f.U[:, :4] @ f.V[:, :4].T, W1)  # stage 1 is SVD-LLM at k₁ = 4
+    c = solvers.get_method(stage2).coefficients
+    H2 = solvers.combine_metric(c, stats)
+    P2 = W @ (c.c * stats.A + c.d * stats.C + c.e * stats.B) - W1 @ H2
+    R = f.U[:, 4:] @ f.V[:, 4:].T
+    assert float(solvers.objective(R, H2, P2)) == pytest.approx(-float((f.sigma[:4] ** 2).sum()), rel=1e-9)
+    # and it lowers the anchored error ‖WX − W'X'‖ below stage 1 alone
+    err = lambda Wp: float(((X @ W.T) - (Xp @ Wp.T)).pow(2).sum())  # noqa: E731
+    assert err(W1 + R) < err(W1)
