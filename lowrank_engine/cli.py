@@ -30,7 +30,14 @@ def _add_compress(sub):
     p.add_argument("--ratio", type=float, default=0.2,
                    help="fraction of the compressible-linear parameters REMOVED, in (0, 1)")
     p.add_argument("--rank-map", default=None,
-                   help="JSON file {module name: rank}; overrides --ratio for the modules it names")
+                   help="JSON file {module name: rank, or null to keep it dense}; overrides --ratio and --rank-alloc "
+                        "for the modules it names")
+    p.add_argument("--rank-alloc", default="uniform", choices=["uniform", "waterfill", "last-layers"],
+                   help="how the ratio is spread: the same ratio per matrix; water-filling by the dense whitened "
+                        "spectra (one extra statistics pass); or ResSVD's last-layers rule (--last-layers K)")
+    p.add_argument("--last-layers", type=int, default=None,
+                   help="with --rank-alloc last-layers: compress only the last K blocks, harder, at the same "
+                        "overall ratio")
     p.add_argument("--calibration", default="self",
                    help=f"'self' (text sampled from the model; no data set needed), one of {list(data.NAMED_SETS)} "
                         "(from $LOWRANK_ENGINE_DATA or the hub), or a .txt/.jsonl/.parquet file")
@@ -106,6 +113,7 @@ def cmd_compress(args) -> int:
 
     args.device = distributed.init_from_env(args.device)  # under torchrun: join the group, take this rank's GPU
     spec = job.JobSpec(model=args.model, method=args.method, ratio=args.ratio, rank_map=args.rank_map,
+                       rank_alloc=args.rank_alloc, last_layers=args.last_layers,
                        calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                        beta_search=args.beta_search, device=args.device, offload=args.offload,
                        batch_size=args.batch_size, max_memory=args.max_memory,

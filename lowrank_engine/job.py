@@ -25,7 +25,9 @@ class JobSpec:
     model: str = models.DEFAULT_MODEL
     method: str = "saes"
     ratio: Optional[float] = 0.2
-    rank_map: Optional[str] = None  # path to a JSON {module: rank}
+    rank_map: Optional[str] = None  # path to a JSON {module: rank or null (dense)}
+    rank_alloc: str = "uniform"  # uniform | waterfill | last-layers
+    last_layers: Optional[int] = None  # last-layers: how many final blocks are compressed
     calibration: str = "self"
     nsamples: int = 16
     seqlen: int = 256
@@ -63,9 +65,25 @@ def read_rank_map(path: str) -> dict:
             rank_map = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read rank map {path}: {exc}") from exc
-    if not isinstance(rank_map, dict) or not all(isinstance(v, int) for v in rank_map.values()):
-        raise ValueError(f"rank map {path} must be a JSON object of module name → integer rank")
+    if not isinstance(rank_map, dict) or not all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                                                 for v in rank_map.values()):
+        raise ValueError(f"rank map {path} must be a JSON object of module name → integer rank (null: keep dense)")
     return rank_map
+
+
+RANK_ALLOCATIONS = ("uniform", "waterfill", "last-layers")
+
+
+def allocate_ranks(spec: JobSpec, path: str, source, input_ids) -> dict:
+    """The rank map of a non-uniform allocation (entries of --rank-map still override it)."""
+    from lowrank_engine import allocation
+
+    block_shapes = allocation.model_shapes(source)
+    if spec.rank_alloc == "last-layers":
+        return allocation.last_layers(block_shapes, spec.ratio, spec.last_layers)
+    spectra = allocation.dense_spectra(path, input_ids, spec.device, spec.batch_size, spec.trust_remote_code,
+                                       spec.progress)
+    return allocation.waterfill(spectra, {k: v for b in block_shapes for k, v in b.items()}, spec.ratio)
 
 
 def _compressible_parameters(model) -> int:
@@ -77,6 +95,12 @@ def _validate(spec: JobSpec) -> None:
     from lowrank_engine import solvers
 
     solvers.get_method(spec.method)
+    if spec.rank_alloc not in RANK_ALLOCATIONS:
+        raise ValueError(f"unknown rank allocation {spec.rank_alloc!r}; choose from {', '.join(RANK_ALLOCATIONS)}")
+    if spec.rank_alloc != "uniform" and spec.ratio is None:
+        raise ValueError(f"--rank-alloc {spec.rank_alloc} distributes a --ratio; give one")
+    if spec.rank_alloc == "last-layers" and not spec.last_layers:
+        raise ValueError("--rank-alloc last-layers needs --last-layers K (how many final blocks to compress)")
     if spec.ratio is not None and not 0.0 < spec.ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {spec.ratio}")
     for name in spec.eval_sets:
@@ -115,6 +139,8 @@ def run_job(spec: JobSpec) -> dict:
     eval_windows = {name: data.evaluation_windows(name, tokenizer, spec.eval_windows.get(name, 64), spec.eval_seqlen)
                     for name in spec.eval_sets}
 
+    if spec.rank_alloc != "uniform":
+        rank_map = {**allocate_ranks(spec, path, source, calib.input_ids), **(rank_map or {})}
     cfg = pipeline.CompressionConfig(method=spec.method, ratio=spec.ratio, rank_map=rank_map,
                                      beta_search=spec.beta_search, device=spec.device, offload=spec.offload,
                                      batch_size=spec.batch_size, max_memory=spec.max_memory,

@@ -252,9 +252,12 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
 # --------------------------------------------------------------------------------------
 # ranks
 # --------------------------------------------------------------------------------------
-def module_rank(name: str, module: nn.Linear, cfg: CompressionConfig) -> int:
+def module_rank(name: str, module: nn.Linear, cfg: CompressionConfig) -> Optional[int]:
+    """The module's rank; None keeps it dense (a rank map entry of null)."""
     m, n = module.out_features, module.in_features
     if cfg.rank_map and name in cfg.rank_map:
+        if cfg.rank_map[name] is None:
+            return None
         k = int(cfg.rank_map[name])
     elif cfg.ratio is not None:
         k = solvers.rank_for_ratio(m, n, cfg.ratio)
@@ -269,8 +272,9 @@ def validate_rank_map(rank_map: dict, model_linears: dict) -> None:
     if unknown:
         raise ValueError(f"rank map names modules that are not compressible linears: {unknown[:5]}")
     for name, k in rank_map.items():
-        mod = model_linears[name]
-        solvers.check_rank(name, mod.out_features, mod.in_features, int(k))
+        if k is not None:  # null keeps the module dense
+            mod = model_linears[name]
+            solvers.check_rank(name, mod.out_features, mod.in_features, int(k))
 
 
 # --------------------------------------------------------------------------------------
@@ -418,6 +422,7 @@ class Compressor:
         self.stage_seconds: dict = defaultdict(float)
         self.ranks: dict = {}
         self.reports: list[BlockReport] = []
+        self.spectra: Optional[dict] = None  # set to {} to keep every linear's σ(G) (rank allocation)
         self._block_seconds: dict = {}
         self._bar = None
 
@@ -514,14 +519,18 @@ class Compressor:
         ranks = {name: module_rank(self._full(index, name), linears[name], cfg) for name in linears}
 
         def solve(group, stats, whitening=None):
-            weights = {name: linears[name].weight for name in group}
+            weights = {name: linears[name].weight for name in group if ranks[name] is not None}
+            if not weights:  # every linear of the group stays dense
+                return {}
             with self._timed("solve"):
-                return solvers.solve_group(method, weights, {n: ranks[n] for n in group}, stats,
+                return solvers.solve_group(method, weights, {n: ranks[n] for n in weights}, stats,
                                            eps_rel=cfg.eps_rel, beta_search=cfg.beta_search,
                                            beta_max=cfg.beta_max, dtype=self.dtype, whitening=whitening,
                                            residual_split=cfg.residual_split, residual_stage2=cfg.residual_stage2)
 
         def install(group, factors):
+            if all(ranks[n] is None for n in group):  # the same on every rank: no exchange either
+                return
             if self.world > 1:
                 factors = self._share_factors(group, factors, linears, ranks, owner=groups.index(group) % self.world)
             for name, f in factors.items():
@@ -529,11 +538,17 @@ class Compressor:
                 set_submodule(comp, name, LowRankLinear.from_factors(
                     f.U, f.V, None if old.bias is None else old.bias, dtype=old.weight.dtype))
                 self.ranks[self._full(index, name)] = f.rank
+                if self.spectra is not None:
+                    self.spectra[self._full(index, name)] = f.sigma.detach().cpu()
                 report.modules[name] = {"rank": f.rank, "truncation_loss": f.truncation_loss,
                                         "retained_energy": f.retained_energy, "beta": f.beta}
 
         if two_stream:
             for group in groups:  # in execution order: X' for later groups sees earlier factors
+                if all(ranks[n] is None for n in group):
+                    if group[0] in dense_inputs:
+                        dense_inputs.pop(group[0]).release()
+                    continue
                 with self._timed("statistics"):
                     stats = self._accumulate(group, dense_inputs.get(group[0]), comp, xp_stream, kwargs, index, needs)
                 if group[0] in dense_inputs:
@@ -545,7 +560,8 @@ class Compressor:
             # single-stream methods: every group is ready at once, so whiten them in batches;
             # with several processes each solves its own groups, then all exchange factors
             all_stats = single_stats or {g[0]: solvers.GroupStatistics() for g in groups}
-            mine = [g for i, g in enumerate(groups) if i % self.world == self.rank]
+            mine = [g for i, g in enumerate(groups)
+                    if i % self.world == self.rank and any(ranks[n] is not None for n in g)]
             whitenings = {}
             if method.coefficients is not None:
                 with self._timed("whitening"):
@@ -581,9 +597,10 @@ class Compressor:
     def _share_factors(self, group: list, factors: Optional[dict], linears: dict, ranks: dict, owner: int) -> dict:
         """Broadcast one group's factors from the rank that solved it."""
         meta = distributed.broadcast_object(
-            {n: (f.rank, f.beta, f.sigma.numel()) for n, f in factors.items()} if factors else None, src=owner)
+            {n: (f.rank, f.beta, f.sigma.numel()) for n, f in factors.items()} if factors is not None else None,
+            src=owner)
         out = {}
-        for name in group:
+        for name in meta:  # the group's compressed linears (dense ones have no factors)
             k, beta, n_sigma = meta[name]
             lin = linears[name]
             if factors is None:

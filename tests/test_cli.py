@@ -154,3 +154,17 @@ def test_info(capsys):
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
     assert "whitening:" in text and "triton" in text
+
+
+@pytest.mark.parametrize("alloc", [["--rank-alloc", "waterfill"], ["--rank-alloc", "last-layers", "--last-layers", 1]])
+def test_rank_allocations_meet_the_ratio(tiny_checkpoint, tmp_path, alloc):
+    out = tmp_path / "out"
+    assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "svd-llm", "--ratio", 0.2, "--fidelity-samples",
+                                   0, "--json", tmp_path / "r.json", *alloc)) == 0
+    record = json.loads((tmp_path / "r.json").read_text())[0]
+    assert record["compressible_reduction"] == pytest.approx(0.2, abs=0.03)
+    _, cfg = checkpoint.load(str(out))
+    if "last-layers" in alloc:  # block 0 stays dense: no ranks recorded for it
+        assert not any(".layers.0." in name for name in cfg["ranks"])
+    else:
+        assert len(set(cfg["ranks"].values())) > 2  # not uniform

@@ -154,7 +154,7 @@ def test_asvd_reaches_the_diagonal_metric_optimum(stat):
     torch.testing.assert_close(f.U @ f.V.T, g.U @ g.V.T)
 
 
-def _two_stream_stats(n, shift):
+def _shifted_stats(n, shift):
     X = torch.randn(160, n, dtype=torch.float64)
     X[:, 1] *= 20.0
     Xp = X + shift * torch.randn_like(X)
@@ -165,7 +165,7 @@ def test_erc_without_shift_is_one_truncation():
     """Same metric in both stages (X' = X) adds nothing beyond Eckart–Young: ERC = SVD-LLM at rank k."""
     m, n, k = 18, 14, 6
     W = torch.randn(m, n, dtype=torch.float64)
-    _, _, stats = _two_stream_stats(n, 0.0)
+    _, _, stats = _shifted_stats(n, 0.0)
     erc = solvers.solve_group(solvers.get_method("erc-svd"), {"w": W}, {"w": k}, stats, eps_rel=1e-12)["w"]
     ref = solvers.solve_group(solvers.get_method("svd-llm"), {"w": W}, {"w": k}, stats, eps_rel=1e-12)["w"]
     assert erc.U.shape == (m, k) and erc.V.shape == (n, k)
@@ -176,7 +176,7 @@ def test_erc_without_shift_is_one_truncation():
 def test_erc_residual_stage_reaches_its_optimum(stage2):
     m, n, k = 20, 16, 8
     W = torch.randn(m, n, dtype=torch.float64)
-    X, Xp, stats = _two_stream_stats(n, 0.3)
+    X, Xp, stats = _shifted_stats(n, 0.3)
     method = solvers.get_method("erc-svd")
     f = solvers.solve_group(method, {"w": W}, {"w": k}, stats, eps_rel=1e-12, residual_split=0.5,
                             residual_stage2=stage2)["w"]

@@ -1,0 +1,62 @@
+"""Rank allocation: the global budget is met, and rank goes where the truncation loss falls fastest."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from lowrank_engine import allocation, pipeline
+from lowrank_engine.models import block_linears, find_decoder_blocks
+from lowrank_engine.modules import LowRankLinear
+
+
+def _spectrum(n, decay):
+    return torch.tensor([decay ** i for i in range(n)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+def test_waterfill_meets_the_budget_and_favours_slow_decay(ratio):
+    shapes = {"flat": (40, 56), "steep": (40, 56), "wide": (24, 96), "odd": (37, 29)}
+    spectra = {"flat": _spectrum(40, 0.97), "steep": _spectrum(40, 0.6), "wide": _spectrum(24, 0.9),
+               "odd": _spectrum(29, 0.85)}
+    ranks = allocation.waterfill(spectra, shapes, ratio)
+    budget = allocation.kept_budget(shapes, ratio)
+    kept = allocation.kept_parameters(ranks, shapes)
+    assert kept <= budget and budget - kept < max(m + n for m, n in shapes.values())  # within one rank unit
+    assert ranks["flat"] > ranks["steep"]
+    for name, (m, n) in shapes.items():
+        assert 1 <= ranks[name] and ranks[name] * (m + n) < m * n
+
+
+def test_waterfill_is_optimal_against_single_unit_moves():
+    shapes = {"a": (30, 30), "b": (30, 30), "c": (30, 30)}
+    spectra = {"a": _spectrum(30, 0.9), "b": _spectrum(30, 0.8), "c": _spectrum(30, 0.7)}
+    ranks = allocation.waterfill(spectra, shapes, 0.5)
+
+    def loss(r):
+        return sum(float((spectra[k][r[k]:] ** 2).sum() / (spectra[k] ** 2).sum()) for k in r)
+
+    best = loss(ranks)
+    for src in ranks:
+        for dst in ranks:
+            if src != dst and ranks[src] > 1:
+                moved = dict(ranks, **{src: ranks[src] - 1, dst: ranks[dst] + 1})
+                assert loss(moved) >= best - 1e-12
+
+
+def test_last_layers_keeps_the_first_blocks_dense_and_meets_the_ratio():
+    model = tiny_model("llama", layers=4)
+    name, blocks = find_decoder_blocks(model)
+    block_shapes = [{f"{name}.{i}.{n}": (m.out_features, m.in_features) for n, m in block_linears(b).items()}
+                    for i, b in enumerate(blocks)]
+    shapes = {k: v for b in block_shapes for k, v in b.items()}
+    ranks = allocation.last_layers(block_shapes, 0.2, k=2)
+    assert all(ranks[n] is None for n in block_shapes[0]) and all(ranks[n] for n in block_shapes[3])
+    removed = 1 - allocation.kept_parameters(ranks, shapes) / sum(m * n for m, n in shapes.values())
+    assert removed == pytest.approx(0.2, abs=0.03)
+    with pytest.raises(ValueError, match="larger k"):
+        allocation.last_layers(block_shapes, 0.6, k=1)
+
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    pipeline.compress_model(model, ids, pipeline.CompressionConfig(method="aa-svd", ratio=None, rank_map=ranks),
+                            progress=False)
+    assert all(not isinstance(m, LowRankLinear) for m in block_linears(blocks[0]).values())
+    assert all(isinstance(m, LowRankLinear) for m in block_linears(blocks[3]).values())
