@@ -50,6 +50,17 @@ def _add_compress(sub):
                    help="erc-svd only: share of each rank given to stage 1 (the rest compensates the residual)")
     p.add_argument("--residual-stage2", default=solvers.RESIDUAL_STAGE2, choices=["aa-svd", "shift-aware"],
                    help="erc-svd only: the objective of the residual stage (aa-svd: WX − W₁X' on X')")
+    p.add_argument("--refine", action="store_true",
+                   help="AA-SVD stage 2 after any method: tune each block's factors and norms to match the dense "
+                        "block's output (AdamW, warm-up then cosine decay, gradient clipping)")
+    p.add_argument("--refine-passes", type=int, default=25, help="passes over the calibration set per block")
+    p.add_argument("--refine-lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--refine-weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--refine-warmup", type=float, default=0.1, help="fraction of steps with linear warm-up")
+    p.add_argument("--refine-final-lr", type=float, default=0.1, help="final learning rate as a fraction of the peak")
+    p.add_argument("--refine-clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--refine-tokens", type=int, default=None,
+                   help="token budget per pass (default: every calibration token); keeps refinement cheap on a CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
     p.add_argument("--offload", default="none", nargs="?", const="cpu", choices=["none", "cpu", "disk"],
                    help="where the two activation streams live: on the compute device, in pinned CPU memory, "
@@ -118,7 +129,11 @@ def cmd_compress(args) -> int:
                        beta_search=args.beta_search, device=args.device, offload=args.offload,
                        batch_size=args.batch_size, max_memory=args.max_memory,
                        residual_split=args.residual_split, residual_stage2=args.residual_stage2,
-                       solve_dtype=args.solve_dtype,
+                       solve_dtype=args.solve_dtype, refine=dict(
+                           refine=args.refine, refine_passes=args.refine_passes, refine_lr=args.refine_lr,
+                           refine_weight_decay=args.refine_weight_decay, refine_warmup=args.refine_warmup,
+                           refine_final_lr_ratio=args.refine_final_lr, refine_clip=args.refine_clip,
+                           refine_tokens=args.refine_tokens),
                        output=args.output, resume=args.resume, save=not args.no_save,
                        eval_sets=_eval_sets(args.eval_sets), eval_windows=_windows(args.eval_windows),
                        eval_seqlen=args.eval_seqlen, fidelity_samples=args.fidelity_samples,

@@ -39,6 +39,7 @@ class JobSpec:
     max_memory: Optional[str] = None  # e.g. "20GiB" or "cuda:60GiB,cpu:24GiB"
     residual_split: float = 0.75  # erc-svd
     residual_stage2: str = "aa-svd"  # erc-svd
+    refine: dict = field(default_factory=dict)  # CompressionConfig refine_* fields (refine=True to enable)
     solve_dtype: Optional[str] = None  # float32 | float64 (default: float64 on CPU, float32 on GPU)
     output: Optional[str] = None
     resume: bool = False
@@ -145,6 +146,7 @@ def run_job(spec: JobSpec) -> dict:
                                      beta_search=spec.beta_search, device=spec.device, offload=spec.offload,
                                      batch_size=spec.batch_size, max_memory=spec.max_memory,
                                      residual_split=spec.residual_split, residual_stage2=spec.residual_stage2,
+                                     **spec.refine,
                                      solve_dtype=spec.solve_dtype)
     dense_linears = sum(p.numel() for b in source.blocks for m in models.block_linears(b).values()
                         for p in m.parameters())

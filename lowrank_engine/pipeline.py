@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank_engine import checkpoint, distributed, memory, ops, solvers, streams
+from lowrank_engine import checkpoint, distributed, memory, ops, refine, solvers, streams
 from lowrank_engine.models import block_linears, find_decoder_blocks, set_submodule
 from lowrank_engine.modules import LowRankLinear
 
@@ -51,6 +51,19 @@ class CompressionConfig:
     max_memory: Optional[str] = None  # e.g. "20GiB" (compute device) or "cuda:60GiB,cpu:24GiB"
     residual_split: float = solvers.RESIDUAL_SPLIT  # erc-svd: share of each rank for stage 1
     residual_stage2: str = solvers.RESIDUAL_STAGE2  # erc-svd: stage 2's objective (aa-svd or shift-aware)
+    refine: bool = False  # AA-SVD stage 2 after any method: tune factors and norms on ‖Block(X) − Block'(X')‖²
+    refine_passes: int = 25
+    refine_lr: float = 1e-4
+    refine_weight_decay: float = 0.01
+    refine_warmup: float = 0.1
+    refine_final_lr_ratio: float = 0.1
+    refine_clip: float = 1.0
+    refine_tokens: Optional[int] = None  # per pass; None: every calibration token
+
+    def refine_config(self) -> refine.RefineConfig:
+        return refine.RefineConfig(passes=self.refine_passes, lr=self.refine_lr, weight_decay=self.refine_weight_decay,
+                                   warmup=self.refine_warmup, final_lr_ratio=self.refine_final_lr_ratio,
+                                   clip=self.refine_clip, max_tokens=self.refine_tokens)
 
     def fingerprint(self) -> str:
         relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "offload", "batch_size", "track_error",
@@ -65,6 +78,7 @@ class BlockReport:
     output_rel_mse: float = float("nan")
     output_cosine_distance: float = float("nan")
     modules: dict = field(default_factory=dict)  # name → {rank, truncation_loss, retained_energy, beta}
+    refine: dict = field(default_factory=dict)  # first/last pass loss and steps, when refined
 
 
 @dataclass
@@ -410,6 +424,7 @@ class Compressor:
             raise ValueError(f"unknown beta search {cfg.beta_search!r}; choose {', '.join(solvers.BETA_SEARCHES)}")
         if cfg.ratio is not None and not 0.0 < cfg.ratio < 1.0:
             raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {cfg.ratio}")
+        cfg.refine_config().validate()
         if not 0.0 < cfg.residual_split <= 1.0:
             raise ValueError(f"residual split must be in (0, 1], got {cfg.residual_split}")
         if cfg.ratio is None and not cfg.rank_map:
@@ -571,7 +586,11 @@ class Compressor:
             for group in groups:
                 install(group, solved.pop(group[0], None))
 
-        if not two_stream and not cfg.track_error:  # X' feeds nothing but the error report
+        if cfg.refine:
+            with self._timed("refine"):
+                report.refine = refine.refine_block(comp, xp_stream, x_next, kwargs, self.device, cfg.refine_config(),
+                                                    run_block)
+        if not two_stream and not cfg.track_error and not cfg.refine:  # X' feeds only the error report
             return comp, x_next, self.store.stream("xp"), report
         with self._timed("propagate"):
             xp_next = self._propagate(comp, xp_stream, kwargs, check=f"the output of block {index}")
@@ -688,7 +707,7 @@ class Compressor:
             x_stream = self.store.stream("x")
             kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device, x_stream)
         src.after_capture()
-        needs_xp = bool(self.method.needs & {"B", "C"}) or cfg.track_error
+        needs_xp = bool(self.method.needs & {"B", "C"}) or cfg.track_error or cfg.refine
         xp_stream = self.store.copy(x_stream, "xp") if needs_xp else self.store.stream("xp")
         show = self.progress and self.rank == 0
         bar = tqdm(range(len(src.blocks)), desc=f"{cfg.method} r={cfg.ratio}", unit="block", disable=not show)

@@ -168,3 +168,12 @@ def test_rank_allocations_meet_the_ratio(tiny_checkpoint, tmp_path, alloc):
         assert not any(".layers.0." in name for name in cfg["ranks"])
     else:
         assert len(set(cfg["ranks"].values())) > 2  # not uniform
+
+
+def test_refine_flags_reach_the_pipeline(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "svd-llm", "--fidelity-samples", 0,
+                                   "--refine", "--refine-passes", 2, "--refine-lr", 1e-3, "--refine-tokens", 64,
+                                   "--json", tmp_path / "r.json")) == 0
+    record = json.loads((tmp_path / "r.json").read_text())[0]
+    assert record["stage_seconds"]["refine"] > 0

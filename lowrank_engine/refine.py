@@ -1,0 +1,103 @@
+"""Block refinement (AA-SVD stage 2): after a block's linears are factorized, jointly tune its factors
+and norms so that Block'(X') matches Block(X), the dense block on the dense inputs. Upstream blocks
+stay frozen; memory is this block plus the two streams it already has.
+
+Defaults are the published ones: AdamW, lr 1e-4, weight decay 0.01, 10% linear warm-up, then cosine
+decay to 0.1× the peak, gradient clip 1.0, 25 passes over the calibration set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lowrank_engine import distributed
+from lowrank_engine.modules import LowRankLinear
+
+
+@dataclass
+class RefineConfig:
+    passes: int = 25
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of the steps
+    final_lr_ratio: float = 0.1
+    clip: float = 1.0
+    max_tokens: Optional[int] = None  # per pass: use only the first batches up to this many tokens
+
+    def validate(self) -> None:
+        if self.passes < 0 or self.lr <= 0 or not 0 <= self.warmup < 1 or self.clip <= 0:
+            raise ValueError(f"bad refinement settings: {self}")
+
+
+def trainable_parameters(block: nn.Module) -> list[nn.Parameter]:
+    """The factors of every LowRankLinear and the weights of every norm (found by class name, so any
+    architecture's RMSNorm/LayerNorm qualifies); dense linears and attention internals stay frozen."""
+    params = []
+    for module in block.modules():
+        if isinstance(module, LowRankLinear):
+            params += [module.U, module.V]
+        elif "norm" in type(module).__name__.lower():
+            params += [p for p in module.parameters(recurse=False)]
+    return params
+
+
+def learning_rate(step: int, total: int, cfg: RefineConfig) -> float:
+    warm = math.ceil(cfg.warmup * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(total - warm, 1)
+    return cfg.lr * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: RefineConfig,
+                 run_block) -> dict:
+    """Minimize mean ‖Block'(X') − Block(X)‖² over the batches in place; returns the first and last pass's
+    mean loss. `inputs` (X') and `targets` (Block(X)) are streams of per-batch tensors."""
+    cfg.validate()
+    batches = []
+    tokens = 0
+    for b in range(len(inputs)):
+        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
+            break
+        batches.append(b)
+        tokens += inputs[b].shape[0] * inputs[b].shape[1]
+    # every rank takes the same number of steps on its own windows; gradients are averaged
+    batches = batches[:int(-distributed.all_reduce_max(-float(len(batches))))]
+    params = trainable_parameters(block)
+    if not params or not batches or cfg.passes == 0:
+        return {"first_loss": float("nan"), "last_loss": float("nan"), "steps": 0}
+    dtype = params[0].dtype
+    block.float()  # optimizer state and updates in fp32, even for a bf16 block
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.passes * len(batches)
+    losses = []
+    step = 0
+    with torch.enable_grad():
+        for _ in range(cfg.passes):
+            pass_loss = 0.0
+            for b in batches:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, total, cfg)
+                out = run_block(block, inputs[b].to(device).float(), kwargs[b], device)
+                loss = torch.nn.functional.mse_loss(out, targets[b].to(device).float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if distributed.active():
+                    for p in params:
+                        distributed.all_reduce_sum_(p.grad)
+                        p.grad /= distributed.world_size()
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                optimizer.step()
+                pass_loss += float(loss.detach())
+                step += 1
+            losses.append(pass_loss / len(batches))
+    for p in params:
+        p.requires_grad_(False)
+    block.to(dtype)
+    return {"first_loss": losses[0], "last_loss": losses[-1], "steps": step}
