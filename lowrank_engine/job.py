@@ -152,6 +152,12 @@ def run_job(spec: JobSpec) -> dict:
                         for p in m.parameters())
     dense_params = models.count_parameters(source.model)
     compressor = pipeline.Compressor(source, cfg, work_dir=work_dir if spec.save else None, progress=spec.progress)
+    if compressor.method.diagonal == "fisher":  # gradients need the whole dense model once
+        from lowrank_engine import fisher
+
+        dense = models.load_model(path, trust_remote_code=spec.trust_remote_code)[0].to(spec.device)
+        compressor.fisher = fisher.column_fisher(dense, calib.input_ids, device=spec.device, progress=spec.progress)
+        del dense
     compressor.memory_plan(calib.input_ids)  # a budget that cannot hold one block fails before any output exists
     distributed.barrier()  # every rank has checked the output paths before any creates them
     if spec.save:

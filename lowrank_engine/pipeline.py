@@ -438,6 +438,7 @@ class Compressor:
         self.ranks: dict = {}
         self.reports: list[BlockReport] = []
         self.spectra: Optional[dict] = None  # set to {} to keep every linear's σ(G) (rank allocation)
+        self.fisher: Optional[dict] = None  # fwsvd: full module name → column Fisher (fisher.column_fisher)
         self._block_seconds: dict = {}
         self._bar = None
 
@@ -537,6 +538,11 @@ class Compressor:
             weights = {name: linears[name].weight for name in group if ranks[name] is not None}
             if not weights:  # every linear of the group stays dense
                 return {}
+            if method.diagonal == "fisher":  # a metric per linear, not per group
+                with self._timed("solve"):
+                    return {name: solvers.solve_group(method, {name: W}, {name: ranks[name]}, solvers.GroupStatistics(
+                        D=self.fisher[self._full(index, name)].to(self.device)), eps_rel=cfg.eps_rel,
+                        dtype=self.dtype)[name] for name, W in weights.items()}
             with self._timed("solve"):
                 return solvers.solve_group(method, weights, {n: ranks[n] for n in weights}, stats,
                                            eps_rel=cfg.eps_rel, beta_search=cfg.beta_search,
@@ -674,6 +680,8 @@ class Compressor:
     def run(self, input_ids: torch.Tensor) -> CompressionResult:
         start = time.perf_counter()
         src, cfg = self.source, self.cfg
+        if self.method.diagonal == "fisher" and self.fisher is None:
+            raise ValueError("fwsvd needs Fisher statistics: set Compressor.fisher = fisher.column_fisher(model, ids)")
         plan = self.memory_plan(input_ids)  # before any work: a budget that cannot fit one block fails here
         input_ids = distributed.shard(input_ids)  # each rank streams its own windows
         self._say(plan.describe())
@@ -817,4 +825,9 @@ def compress_model(model: nn.Module, input_ids: torch.Tensor, cfg: CompressionCo
                    work_dir: Optional[str] = None, progress: bool = True) -> CompressionResult:
     """Compress an in-memory HF causal LM in place."""
     model.eval()
-    return Compressor(BlockSource(model), cfg, work_dir=work_dir, progress=progress).run(input_ids)
+    compressor = Compressor(BlockSource(model), cfg, work_dir=work_dir, progress=progress)
+    if compressor.method.diagonal == "fisher":
+        from lowrank_engine import fisher
+
+        compressor.fisher = fisher.column_fisher(model, input_ids, device=cfg.device, progress=progress)
+    return compressor.run(input_ids)

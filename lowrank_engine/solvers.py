@@ -54,6 +54,8 @@ class Method:
     def needs(self) -> frozenset:
         if self.adaptive_beta:
             return frozenset({"B", "C"})
+        if self.diagonal == "fisher":  # from gradients (fisher.py), not from the activation streams
+            return frozenset()
         if self.diagonal:
             return frozenset({"D"})
         if self.residual:  # stage 2's objective may be any two-stream coefficient set
@@ -78,6 +80,7 @@ METHODS = {
                description="SVD-LLM at rank k₁, then the residual at rank k₂ on ‖WX − W₁X' − R'X'‖ (ERC-SVD)"),
         Method("asvd", None, diagonal="absmean", description="‖(W − W')S‖, S = diag(mean|x|)^½ (ASVD)"),
         Method("asvd-max", None, diagonal="absmax", description="‖(W − W')S‖, S = diag(max|x|)^½ (ASVD)"),
+        Method("fwsvd", None, diagonal="fisher", description="‖(W − W')S‖, S = diag(column Fisher)^½ (FWSVD)"),
     )
 }
 

@@ -177,3 +177,10 @@ def test_refine_flags_reach_the_pipeline(tiny_checkpoint, tmp_path):
                                    "--json", tmp_path / "r.json")) == 0
     record = json.loads((tmp_path / "r.json").read_text())[0]
     assert record["stage_seconds"]["refine"] > 0
+
+
+def test_fwsvd_through_the_cli(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "fwsvd", "--fidelity-samples", 0)) == 0
+    _, cfg = checkpoint.load(str(out))
+    assert cfg["method"] == "fwsvd" and len(cfg["ranks"]) == 14

@@ -191,3 +191,26 @@ def test_erc_residual_stage_reaches_its_optimum(stage2):
     # and it lowers the anchored error ‖WX − W'X'‖ below stage 1 alone
     err = lambda Wp: float(((X @ W.T) - (Xp @ Wp.T)).pow(2).sum())  # noqa: E731
     assert err(W1 + R) < err(W1)
+
+
+def test_column_fisher_matches_per_batch_gradients():
+    from conftest import tiny_model
+    from lowrank_engine import fisher
+
+    model = tiny_model("llama", layers=1)
+    ids = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(1))
+    f = fisher.column_fisher(model, ids, batch_size=1, progress=False)
+    ref = torch.zeros(48, dtype=torch.float64)
+    W = model.model.layers[0].self_attn.q_proj.weight
+    for i in range(3):
+        model.zero_grad()
+        model(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss.backward()
+        ref += W.grad.double().pow(2).sum(0)
+    torch.testing.assert_close(f["model.layers.0.self_attn.q_proj"], ref)
+    layer = model.model.layers[0]
+    assert {k: v.shape[0] for k, v in f.items()} == {
+        f"model.layers.0.{n}": layer.get_submodule(n).in_features for n in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")}
+    assert all(float(v.min()) >= 0 and float(v.max()) > 0 for v in f.values())
+    assert not any(p.requires_grad is False for p in model.parameters())  # flags restored
