@@ -27,14 +27,18 @@ DENSE_REFERENCE = {"wikitext2_ppl": 30.47, "c4_ppl": 34.71}
 PEERS = {  # the published AA-SVD code on this protocol (WikiText-2 / C4)
     "svd-llm": {0.2: (211.4, 138.4), 0.4: (1201.8, 505.0), 0.6: (4339.6, 1706.7)},
     "aa-svd": {0.2: (301.2, 174.2), 0.4: (706.3, 333.6), 0.6: (1943.9, 834.1)},
+    "aa-svd+refine": {0.4: (491.5, 250.6), 0.6: (1210.0, 606.7)},  # the peer's 3 refinement passes
 }
-DEFAULT_METHODS = "svd,svd-llm,aa-svd,saes,saes:fixed"
+DEFAULT_METHODS = "svd,asvd,fwsvd,svd-llm,shift-aware,aa-svd,aa-svd+refine,erc-svd,saes,saes:fixed"
 
 
-def parse_method(spec: str) -> tuple[str, str]:
-    """'saes:fixed' → ('saes', 'fixed'); other methods use the exact β search."""
+def parse_method(spec: str) -> tuple[str, str, bool]:
+    """'saes:fixed' → ('saes', 'fixed', False); 'aa-svd+refine' → ('aa-svd', 'exact', True)."""
+    spec, plus, modifier = spec.partition("+")
+    if plus and modifier != "refine":
+        raise ValueError(f"unknown modifier +{modifier} in {spec}{plus}{modifier}")
     method, _, search = spec.partition(":")
-    return method, search or "exact"
+    return method, search or "exact", bool(plus)
 
 
 def device_name() -> str:
@@ -54,7 +58,7 @@ def run_one(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    method, search = parse_method(args.one)
+    method, search, refine = parse_method(args.one)
     path = models.resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = {"wikitext2": data.evaluation_windows("wikitext2", tokenizer, args.wikitext_windows, args.eval_seqlen),
@@ -71,13 +75,23 @@ def run_one(args) -> dict:
         record.update(compress_seconds=0.0, peak_rss_mb=None)
     else:
         calib = data.load_calibration("c4", tokenizer, args.nsamples, args.seqlen, args.seed)
-        cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, beta_search=search,
+        cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, beta_search=search, refine=refine,
+                                         refine_passes=args.refine_passes,
                                          batch_size=args.batch_size, device=args.device)
         pipeline.reset_peak_rss()
+        start = time.perf_counter()
         with tempfile.TemporaryDirectory() as work_dir:
-            result = pipeline.Compressor(source, cfg, work_dir=work_dir if streaming else None,
-                                         progress=not args.quiet).run(calib.input_ids)
-        record.update(compress_seconds=round(result.seconds, 1), peak_rss_mb=round(result.peak_rss_mb, 1),
+            compressor = pipeline.Compressor(source, cfg, work_dir=work_dir if streaming else None,
+                                             progress=not args.quiet)
+            if compressor.method.diagonal == "fisher":  # FWSVD's gradients: part of its cost and its peak
+                from lowrank_engine import fisher
+
+                dense = models.load_model(path)[0]
+                compressor.fisher = fisher.column_fisher(dense, calib.input_ids, progress=not args.quiet)
+                del dense
+            result = compressor.run(calib.input_ids)
+        record.update(compress_seconds=round(time.perf_counter() - start, 1),
+                      peak_rss_mb=round(result.peak_rss_mb, 1),
                       stage_seconds={k: round(v, 1) for k, v in result.stage_seconds.items()},
                       layer_errors=[(b.output_rel_mse, b.output_cosine_distance) for b in result.blocks])
         betas = [v["beta"] for b in result.blocks for v in b.modules.values() if v.get("beta") is not None]
@@ -99,7 +113,8 @@ def child_command(args, method: str, ratio: float) -> list:
            "--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
            "--seed", str(args.seed), "--wikitext-windows", str(args.wikitext_windows),
            "--c4-windows", str(args.c4_windows), "--eval-seqlen", str(args.eval_seqlen),
-           "--batch-size", str(args.batch_size), "--device", args.device, "--protocol", args.protocol]
+           "--batch-size", str(args.batch_size), "--device", args.device, "--protocol", args.protocol,
+           "--refine-passes", str(args.refine_passes)]
     return cmd + (["--quiet"] if args.quiet else [])
 
 
@@ -135,7 +150,8 @@ def cached_records(args) -> list:
         if name.startswith(args.protocol + "_") and name.endswith(".json"):
             with open(os.path.join(args.runs_dir, name)) as f:
                 records.append(json.load(f))
-    order = {m: i for i, m in enumerate(["dense", "svd", "asvd", "svd-llm", "shift-aware", "aa-svd", "saes", "saes:fixed"])}
+    order = {m: i for i, m in enumerate(["dense", "svd", "asvd", "fwsvd", "svd-llm", "shift-aware", "aa-svd",
+                                               "aa-svd+refine", "erc-svd", "saes", "saes:fixed"])}
     return sorted(records, key=lambda r: (r["ratio"] if r["method"] != "dense" else -1, order.get(r["method"], 99)))
 
 
@@ -225,6 +241,7 @@ def main(argv=None):
     p.add_argument("--c4-windows", type=int, default=64)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--refine-passes", type=int, default=3, help="for '+refine' rows (3: the peer's setting)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results (benchmarks/results/quick with --quick)")
     p.add_argument("--runs-dir", default=None, help="cache of finished configurations (resumable)")
@@ -244,10 +261,12 @@ def main(argv=None):
             json.dump(record, f)
         return
     if args.quick:
-        args.methods, args.ratios = "svd-llm,saes", "0.4"
+        args.methods, args.ratios = "svd-llm,saes,aa-svd+refine", "0.4"
         args.nsamples, args.seqlen, args.wikitext_windows, args.c4_windows = 8, 128, 4, 4
         args.protocol = "smollm2-cpu-quick"
     args.out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")
+    if args.quick and not args.runs_dir:  # a smoke test always runs: no cache from an earlier invocation
+        args.runs_dir = tempfile.mkdtemp(prefix="lowrank-quick-runs-")
     args.runs_dir = args.runs_dir or os.path.join(args.out_dir, "runs")
     if args.memory:
         args.nsamples, args.seqlen = min(args.nsamples, 8), min(args.seqlen, 512)
