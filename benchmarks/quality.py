@@ -65,7 +65,7 @@ def run_one(args) -> dict:
                "c4": data.evaluation_windows("c4", tokenizer, args.c4_windows, args.eval_seqlen)}
     record = {"method": args.one, "ratio": args.ratio, "protocol": args.protocol, "device": device_name(),
               "calibration": f"c4 {args.nsamples}x{args.seqlen} seed {args.seed}",
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "refine_passes": args.refine_passes if refine else None}
     # memory runs write each block to disk and drop it, as `lowrank-engine compress` does
     streaming = args.protocol == "memory"
     source = pipeline.LazyBlockSource(path, keep_compressed=not streaming)
@@ -122,7 +122,8 @@ def run_configs(args, configs: list) -> list:
     os.makedirs(args.runs_dir, exist_ok=True)
     records = []
     for method, ratio in configs:
-        cache = os.path.join(args.runs_dir, f"{args.protocol}_{method.replace(':', '-')}_{ratio}.json")
+        label = method.replace(":", "-") + (f"{args.refine_passes}" if method.endswith("+refine") else "")
+        cache = os.path.join(args.runs_dir, f"{args.protocol}_{label}_{ratio}.json")
         if os.path.exists(cache):
             with open(cache) as f:
                 records.append(json.load(f))

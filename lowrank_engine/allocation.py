@@ -5,7 +5,8 @@
   loss of a linear at rank k is its whitened spectrum's tail Σ_{i>k} σ_i² (normalized by the
   layer's total, so every layer's output counts alike); adding rank unit k+1 gains σ_{k+1}² at a
   cost of m+n parameters. The gains of one layer never increase, so the greedy choice by gain per
-  parameter is optimal for this separable budget.
+  parameter solves the fractional relaxation exactly; with unequal costs m+n the integer result
+  is within one rank unit per matrix of it.
 - `last_layers` (ResSVD): keep the first N−k blocks dense and compress the last k blocks at the
   ratio that removes the same number of parameters in total.
 """
@@ -83,13 +84,16 @@ def model_shapes(source) -> list[dict[str, tuple[int, int]]]:
 
 
 def dense_spectra(path: str, input_ids: torch.Tensor, device: str = "cpu", batch_size: int = 8,
-                  trust_remote_code: bool = False, progress: bool = True) -> dict[str, torch.Tensor]:
-    """σ(W L_A) for every linear: SVD-LLM's whitened spectra on the dense statistics, one streamed pass."""
+                  trust_remote_code: bool = False, progress: bool = True, offload: str = "none",
+                  solve_dtype=None, max_memory=None) -> dict[str, torch.Tensor]:
+    """σ(W L_A) for every linear: SVD-LLM's whitened spectra on the dense statistics, one streamed pass
+    under the run's own device, offload, precision and memory budget."""
     from lowrank_engine import pipeline
 
     source = pipeline.LazyBlockSource(path, trust_remote_code, keep_compressed=False)
     cfg = pipeline.CompressionConfig(method="svd-llm", ratio=0.5, device=device, batch_size=batch_size,
-                                     track_error=False)
+                                     track_error=False, offload=offload, solve_dtype=solve_dtype,
+                                     max_memory=max_memory)
     compressor = pipeline.Compressor(source, cfg, progress=progress)
     compressor.spectra = {}
     compressor.run(input_ids)

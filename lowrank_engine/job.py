@@ -83,7 +83,8 @@ def allocate_ranks(spec: JobSpec, path: str, source, input_ids) -> dict:
     if spec.rank_alloc == "last-layers":
         return allocation.last_layers(block_shapes, spec.ratio, spec.last_layers)
     spectra = allocation.dense_spectra(path, input_ids, spec.device, spec.batch_size, spec.trust_remote_code,
-                                       spec.progress)
+                                       spec.progress, offload=spec.offload, solve_dtype=spec.solve_dtype,
+                                       max_memory=spec.max_memory)
     return allocation.waterfill(spectra, {k: v for b in block_shapes for k, v in b.items()}, spec.ratio)
 
 
@@ -100,6 +101,8 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"unknown rank allocation {spec.rank_alloc!r}; choose from {', '.join(RANK_ALLOCATIONS)}")
     if spec.rank_alloc != "uniform" and spec.ratio is None:
         raise ValueError(f"--rank-alloc {spec.rank_alloc} distributes a --ratio; give one")
+    if spec.last_layers and spec.rank_alloc != "last-layers":
+        raise ValueError("--last-layers K only applies with --rank-alloc last-layers")
     if spec.rank_alloc == "last-layers" and not spec.last_layers:
         raise ValueError("--rank-alloc last-layers needs --last-layers K (how many final blocks to compress)")
     if spec.ratio is not None and not 0.0 < spec.ratio < 1.0:

@@ -80,7 +80,7 @@ def _groups(block) -> list[tuple[int, int]]:
 
 
 def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: int, batch_size: int,
-         solve_dtype: torch.dtype, track_error: bool = True) -> MemoryPlan:
+         solve_dtype: torch.dtype, track_error: bool = True, refine: bool = False) -> MemoryPlan:
     """Estimate the peak per device type for running `method` over `source`'s blocks."""
     compute = torch.device(device).type
     hold = {"none": compute, "cpu": "cpu", "disk": None}[offload]
@@ -119,7 +119,10 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
     attention = min(batch_size, n_samples) * heads * seqlen * seqlen * 4
     plan.add(compute, "forward activations (one batch)", batch_tokens * (4 * widest + 8 * hidden) * 4 + 2 * attention)
 
-    streams = 4 if (two_stream or track_error) else 2  # X, X' and their successors during propagation
+    if refine:  # an fp32 block, its gradients and AdamW's two moments, and one batch's saved activations
+        plan.add(compute, "refinement (fp32 block, grads, AdamW, autograd)",
+                 block_bytes * (4 / act_bytes) * 4 + 2 * (batch_tokens * (4 * widest + 8 * hidden) * 4 + 2 * attention))
+    streams = 4 if (two_stream or track_error or refine) else 2  # X, X' and their successors during propagation
     stream_bytes = streams * tokens * hidden * act_bytes
     group_inputs = tokens * sum(n for n, _ in groups) * act_bytes if two_stream else 0
     if hold is None:  # on disk: one batch resident at a time

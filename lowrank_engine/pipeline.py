@@ -622,16 +622,16 @@ class Compressor:
     def _share_factors(self, group: list, factors: Optional[dict], linears: dict, ranks: dict, owner: int) -> dict:
         """Broadcast one group's factors from the rank that solved it."""
         meta = distributed.broadcast_object(
-            {n: (f.rank, f.beta, f.sigma.numel()) for n, f in factors.items()} if factors is not None else None,
-            src=owner)
+            {n: (f.rank, f.beta, f.sigma.numel(), f.sigma_rank) for n, f in factors.items()}
+            if factors is not None else None, src=owner)
         out = {}
         for name in meta:  # the group's compressed linears (dense ones have no factors)
-            k, beta, n_sigma = meta[name]
+            k, beta, n_sigma, sigma_rank = meta[name]
             lin = linears[name]
             if factors is None:
                 empty = lambda *shape: torch.empty(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
                 f = solvers.Factors(U=empty(lin.out_features, k), V=empty(lin.in_features, k), sigma=empty(n_sigma),
-                                    rank=k, beta=beta)
+                                    rank=k, beta=beta, sigma_rank=sigma_rank)
             else:
                 f = factors[name]
                 f.U, f.V, f.sigma = (t.to(self.device, self.dtype).contiguous() for t in (f.U, f.V, f.sigma))
@@ -668,7 +668,7 @@ class Compressor:
         per_rank = -(-input_ids.shape[0] // self.world)  # the largest shard: every rank plans (and fails) alike
         plan = memory.plan(self.source, self.method, device=cfg.device, offload=self.offload,
                            n_samples=per_rank, seqlen=input_ids.shape[1], batch_size=cfg.batch_size,
-                           solve_dtype=self.dtype, track_error=cfg.track_error)
+                           solve_dtype=self.dtype, track_error=cfg.track_error, refine=cfg.refine)
         if cfg.max_memory:
             plan.check(memory.parse_budget(cfg.max_memory, cfg.device))
         return plan
@@ -829,5 +829,6 @@ def compress_model(model: nn.Module, input_ids: torch.Tensor, cfg: CompressionCo
     if compressor.method.diagonal == "fisher":
         from lowrank_engine import fisher
 
-        compressor.fisher = fisher.column_fisher(model, input_ids, device=cfg.device, progress=progress)
+        compressor.fisher = fisher.column_fisher(model, input_ids, device=next(model.parameters()).device,
+                                                 progress=progress)
     return compressor.run(input_ids)

@@ -45,6 +45,17 @@ def trainable_parameters(block: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def _float_kwargs(kwargs: dict) -> dict:
+    """Rotary tables and masks in fp32 to match the fp32 block (SDPA rejects a bf16 mask on fp32 queries)."""
+    def cast(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.float()
+        if isinstance(v, (tuple, list)):
+            return type(v)(cast(x) for x in v)
+        return v
+    return {k: cast(v) for k, v in kwargs.items()}
+
+
 def learning_rate(step: int, total: int, cfg: RefineConfig) -> float:
     warm = math.ceil(cfg.warmup * total)
     if step < warm:
@@ -68,10 +79,14 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
     # every rank takes the same number of steps on its own windows; gradients are averaged
     batches = batches[:int(-distributed.all_reduce_max(-float(len(batches))))]
     params = trainable_parameters(block)
-    if not params or not batches or cfg.passes == 0:
+    factorized = any(isinstance(m, LowRankLinear) for m in block.modules())
+    if not factorized or not batches or cfg.passes == 0:  # a block kept dense is not tuned
         return {"first_loss": float("nan"), "last_loss": float("nan"), "steps": 0}
-    dtype = params[0].dtype
-    block.float()  # optimizer state and updates in fp32, even for a bf16 block
+    # fp32 for the optimizer state and updates, even in a bf16 block; every tensor gets its dtype back
+    param_state = {n: (p.dtype, p.requires_grad) for n, p in block.named_parameters()}
+    buffer_dtypes = {n: b.dtype for n, b in block.named_buffers()}
+    block.float()
+    block.requires_grad_(False)  # gradients only for factors and norms
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -84,12 +99,14 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
             for b in batches:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total, cfg)
-                out = run_block(block, inputs[b].to(device).float(), kwargs[b], device)
+                out = run_block(block, inputs[b].to(device).float(), _float_kwargs(kwargs[b]), device)
                 loss = torch.nn.functional.mse_loss(out, targets[b].to(device).float())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if distributed.active():
                     for p in params:
+                        if p.grad is None:  # every rank must join every all-reduce
+                            p.grad = torch.zeros_like(p)
                         distributed.all_reduce_sum_(p.grad)
                         p.grad /= distributed.world_size()
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -97,7 +114,12 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
                 pass_loss += float(loss.detach())
                 step += 1
             losses.append(pass_loss / len(batches))
-    for p in params:
-        p.requires_grad_(False)
-    block.to(dtype)
+    for name, p in block.named_parameters():
+        dtype, flag = param_state[name]
+        p.grad = None
+        p.data = p.data.to(dtype)
+        p.requires_grad_(flag)
+    for name, b in list(block.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        (block.get_submodule(owner) if owner else block)._buffers[leaf] = b.to(buffer_dtypes[name])
     return {"first_loss": losses[0], "last_loss": losses[-1], "steps": step}

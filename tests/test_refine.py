@@ -53,7 +53,7 @@ def test_only_factors_and_norms_train_and_dtype_is_kept():
     result = pipeline.compress_model(model2, _ids(), cfg, progress=False)
     assert result.blocks[0].refine["steps"] == 2  # a 96-token budget: two of the three 2×24 batches
     assert all(p.dtype == torch.bfloat16 for p in model2.parameters())
-    assert not any(p.requires_grad for p in model2.model.layers[0].parameters())
+    assert all(p.grad is None for p in model2.parameters())  # no fp32 gradients left on the model
 
 
 def test_bad_settings_are_refused():
@@ -61,3 +61,20 @@ def test_bad_settings_are_refused():
         pipeline.compress_model(tiny_model(), _ids(), pipeline.CompressionConfig(refine=True, refine_lr=-1.0),
                                 progress=False)
     assert math.isfinite(refine.learning_rate(0, 1, refine.RefineConfig()))
+
+
+def test_dense_modules_get_no_gradients_and_keep_their_flags():
+    model = tiny_model("llama", layers=2)
+    keep = {"model.layers.0.mlp.down_proj": None, **{f"model.layers.1.{n}": None for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    cfg = pipeline.CompressionConfig(method="aa-svd", ratio=0.5, rank_map=keep, batch_size=2, refine=True,
+                                     refine_passes=2)
+    result = pipeline.compress_model(model, _ids(), cfg, progress=False)
+    assert result.blocks[0].refine["steps"] == 6 and result.blocks[1].refine["steps"] == 0  # all-dense: untouched
+    assert not isinstance(model.model.layers[0].mlp.down_proj, LowRankLinear)
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters() if "layers" not in n} == \
+        {n: f for n, f in flags.items() if "layers" not in n}
+
