@@ -193,6 +193,14 @@ def main(argv=None) -> int:
 
             shutil.rmtree(owned, ignore_errors=True)
 
+    # configurations not run this time keep their earlier measured rows
+    previous = os.path.join(args.out_dir, "scale.json")
+    if os.path.exists(previous):
+        with open(previous) as f:
+            kept = [r for r in json.load(f) if r["model"] not in {x["model"] for x in records}]
+        order = ["smollm2", "deep", "70b-l2", "70b-l4"]
+        records = sorted(kept + records, key=lambda r: order.index(r["model"]) if r["model"] in order else 99)
+
     columns = ("model", "blocks", "hidden", "method", "calibration", "offload", "block_mb", "planned_cpu_mb",
                "peak_rss_mb", "planned_gpu_mb", "peak_gpu_mb", "compress_seconds", *(f"{s}_s_per_block" for s in STAGES))
     print("\n" + format_table(records, columns))
