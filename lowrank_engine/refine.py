@@ -56,6 +56,18 @@ def _float_kwargs(kwargs: dict) -> dict:
     return {k: cast(v) for k, v in kwargs.items()}
 
 
+@torch.no_grad()
+def balance_factors(block: nn.Module) -> None:
+    """Give every rank component equal norms in U and V; U Vᵀ is unchanged. The whitened solve leaves V
+    scaled by L⁻ᵀ (tiny when activations are large) and U by L, and Adam's steps are about lr per entry
+    whatever the entry's size: unbalanced, one step of 1e-4 can be a 100% change of V."""
+    for module in block.modules():
+        if isinstance(module, LowRankLinear):
+            scale = (module.V.norm(dim=0) / module.U.norm(dim=0).clamp_min(1e-30)).clamp_min(1e-30).sqrt()
+            module.U.mul_(scale)
+            module.V.div_(scale)
+
+
 def learning_rate(step: int, total: int, cfg: RefineConfig) -> float:
     warm = math.ceil(cfg.warmup * total)
     if step < warm:
@@ -86,6 +98,7 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
     param_state = {n: (p.dtype, p.requires_grad) for n, p in block.named_parameters()}
     buffer_dtypes = {n: b.dtype for n, b in block.named_buffers()}
     block.float()
+    balance_factors(block)
     block.requires_grad_(False)  # gradients only for factors and norms
     for p in params:
         p.requires_grad_(True)

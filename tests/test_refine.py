@@ -78,3 +78,11 @@ def test_dense_modules_get_no_gradients_and_keep_their_flags():
     assert {n: p.requires_grad for n, p in model.named_parameters() if "layers" not in n} == \
         {n: f for n, f in flags.items() if "layers" not in n}
 
+
+
+def test_balancing_keeps_the_product_and_equalizes_the_factors():
+    layer = LowRankLinear.from_factors(torch.randn(30, 5) * 1e3, torch.randn(20, 5) * 1e-3)
+    before = layer.dense_weight().clone()
+    refine.balance_factors(torch.nn.Sequential(layer))
+    torch.testing.assert_close(layer.dense_weight(), before)
+    torch.testing.assert_close(layer.U.norm(dim=0), layer.V.norm(dim=0))
