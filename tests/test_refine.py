@@ -29,7 +29,7 @@ def test_refinement_lowers_every_block_error(method):
     base = dict(method=method, ratio=0.5, batch_size=2)
     a = pipeline.compress_model(plain, ids, pipeline.CompressionConfig(**base), progress=False)
     b = pipeline.compress_model(refined, ids, pipeline.CompressionConfig(**base, refine=True, refine_passes=8,
-                                                                         refine_lr=3e-3), progress=False)
+                                                                         refine_lr=3e-4), progress=False)
     for pa, pb in zip(a.blocks, b.blocks):
         assert pb.refine["steps"] == 8 * 3
         assert pb.refine["last_loss"] < pb.refine["first_loss"]
