@@ -70,12 +70,16 @@ def all_reduce_max_(t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
 
 
+def _collective_device() -> str:
+    """NCCL only reduces GPU tensors; gloo takes CPU ones."""
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
 def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Sum a small CPU tensor over ranks (moved through the GPU under NCCL)."""
+    """Sum a small CPU tensor over ranks."""
     if not active():
         return t
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    out = t.to(device)
+    out = t.to(_collective_device())
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.cpu()
 
@@ -83,8 +87,7 @@ def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(value: float) -> float:
     if not active():
         return value
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 

@@ -815,8 +815,7 @@ def stream_error(x: list, xp: list) -> tuple[float, float]:
         cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
         sums += torch.tensor([float(((b - a) ** 2).sum()), float((a ** 2).sum()), float((1 - cos).sum()), cos.numel()],
                              dtype=torch.float64)
-    if distributed.active():
-        sums = distributed.all_reduce_sum_tensor(sums)
+    sums = distributed.all_reduce_sum_tensor(sums)
     num, den, cos_sum, count = sums.tolist()
     return num / max(den, 1e-300), cos_sum / max(count, 1)
 
