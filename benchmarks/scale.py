@@ -66,6 +66,7 @@ def run_one(args) -> dict:
     compressor = pipeline.Compressor(source, cfg, work_dir=None, progress=not args.quiet)
     plan = compressor.memory_plan(ids)
     record = {k: spec[k] for k in ("model", "method", "ratio", "offload", "solve_dtype")}
+    record["compute_dtype"] = str(compressor.compute_dtype).replace("torch.", "")
     record.update(blocks=len(source.blocks), hidden=source.model.config.hidden_size,
                   intermediate=source.model.config.intermediate_size,
                   calibration=f"{spec['calibration']} {spec['nsamples']}x{spec['seqlen']}",

@@ -106,8 +106,9 @@ def tensor_files(directory: str) -> dict[str, str]:
         raise CheckpointError(f"{single} is corrupt or truncated: {exc}") from exc
 
 
-def read_tensors(files: dict[str, str], names: Iterable[str], device="cpu") -> dict[str, torch.Tensor]:
-    """Read the named tensors, opening each file once."""
+def read_tensors(files: dict[str, str], names: Iterable[str], device="cpu",
+                 dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Read the named tensors, opening each file once; floating ones cast to `dtype` one at a time."""
     by_file: dict[str, list[str]] = {}
     for name in names:
         if name not in files:
@@ -118,7 +119,8 @@ def read_tensors(files: dict[str, str], names: Iterable[str], device="cpu") -> d
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in file_names:
-                    out[name] = f.get_tensor(name)
+                    tensor = f.get_tensor(name)
+                    out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"{file} is corrupt or truncated: {exc}") from exc
     return out

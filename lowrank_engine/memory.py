@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from lowrank_engine.models import block_linears
+from lowrank_engine.solvers import output_side
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -80,14 +82,16 @@ def _groups(block) -> list[tuple[int, int]]:
 
 
 def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: int, batch_size: int,
-         solve_dtype: torch.dtype, track_error: bool = True, refine: bool = False) -> MemoryPlan:
+         solve_dtype: torch.dtype, track_error: bool = True, refine: bool = False,
+         compute_dtype: Optional[torch.dtype] = None) -> MemoryPlan:
     """Estimate the peak per device type for running `method` over `source`'s blocks."""
     compute = torch.device(device).type
     hold = {"none": compute, "cpu": "cpu", "disk": None}[offload]
     config = source.model.config
     hidden = config.hidden_size
     heads = getattr(config, "num_attention_heads", 1)
-    act_bytes = torch.finfo(source.activation_dtype()).bits // 8
+    stored_bytes = torch.finfo(source.activation_dtype()).bits // 8
+    act_bytes = torch.finfo(compute_dtype or source.activation_dtype()).bits // 8  # blocks run (and stream) in it
     solve_bytes = torch.finfo(solve_dtype).bits // 8
     tokens = n_samples * seqlen
     batch_tokens = min(batch_size, n_samples) * seqlen
@@ -96,7 +100,7 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
     plan = MemoryPlan()
     plan.add("cpu", "process", PROCESS_BASELINE)
     block_bytes = max(source.block_bytes(i) for i in range(len(source.blocks)))
-    plan.add(compute, "dense + compressed block", 2 * block_bytes)
+    plan.add(compute, "dense + compressed block", 2 * block_bytes * act_bytes // stored_bytes)
     resident = source.resident_bytes()
     if resident:  # an in-memory model, or compressed blocks kept for evaluation
         plan.add("cpu", "resident model", resident)
@@ -111,8 +115,11 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
     elif "A" in method.needs:
         plan.add(compute, "statistics (fp32)", 4 * sum(n * n for n, _ in groups))
     if method.coefficients is not None or method.adaptive_beta:
-        # metric, eigenvectors, L⁻ᵀ and a product of the metric's size; G and its SVD factors
-        plan.add(compute, "solver workspace", solve_bytes * max(4 * n * n + 3 * m * n for n, m in groups))
+        def workspace(n, m):
+            if output_side(method, [(m, n)]):  # W·H, W·H·Wᵀ and its eigenvectors; no n×n whitening
+                return m * n + 3 * m * m
+            return 4 * n * n + 3 * m * n  # metric, eigenvectors, L⁻ᵀ and a product of its size; G and its factors
+        plan.add(compute, "solver workspace", solve_bytes * max(workspace(n, m) for n, m in groups))
     else:
         plan.add(compute, "solver workspace", solve_bytes * max(3 * m * n for n, m in groups))
     widest = max(max(n, m) for n, m in groups)
@@ -121,7 +128,7 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
 
     if refine:  # an fp32 block, its gradients and AdamW's two moments, and one batch's saved activations
         plan.add(compute, "refinement (fp32 block, grads, AdamW, autograd)",
-                 block_bytes * (4 / act_bytes) * 4 + 2 * (batch_tokens * (4 * widest + 8 * hidden) * 4 + 2 * attention))
+                 block_bytes * (4 / stored_bytes) * 4 + 2 * (batch_tokens * (4 * widest + 8 * hidden) * 4 + 2 * attention))
     streams = 4 if (two_stream or track_error or refine) else 2  # X, X' and their successors during propagation
     stream_bytes = streams * tokens * hidden * act_bytes
     group_inputs = tokens * sum(n for n, _ in groups) * act_bytes if two_stream else 0

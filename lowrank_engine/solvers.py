@@ -162,12 +162,45 @@ class Factors:
         return self.rank if self.sigma_rank is None else self.sigma_rank
 
 
+GRAM_SVD_MIN = 2048  # from this size on, the top-k SVD comes from an eigh of the smaller Gram matrix
+
+
+def eigh_descending(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of a symmetric matrix, largest first; retried in fp64 if fp32 does not converge."""
+    M = (M + M.mT) / 2
+    try:
+        evals, evecs = torch.linalg.eigh(M)
+    except RuntimeError:
+        if M.dtype == torch.float64:
+            raise
+        evals, evecs = (t.to(M.dtype) for t in torch.linalg.eigh(M.double()))
+    return evals.flip(-1), evecs.flip(-1)
+
+
+def top_svd(G: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_k, all σ descending, V_k) of G. Large matrices go through the Gram matrix of the
+    smaller side: one min(m,n)² eigh (BLAS-3 bound) instead of a LAPACK SVD, which on a
+    28672×8192 LLaMA-70B MLP matrix is several times slower. σ_i² then carries an absolute
+    error of about ε·σ₁², far below what the truncation keeps or drops."""
+    m, n = G.shape
+    if min(m, n) < GRAM_SVD_MIN:
+        Uf, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        return Uf[:, :rank], S, Vh[:rank].mT
+    tall = m >= n
+    evals, evecs = eigh_descending(G.mT @ G if tall else G @ G.mT)
+    S = evals.clamp_min(0).sqrt()
+    inv = torch.where(S[:rank] > 0, 1.0 / S[:rank], torch.zeros_like(S[:rank]))
+    small = evecs[:, :rank]
+    other = (G @ small if tall else G.mT @ small) * inv
+    return (other, S, small) if tall else (small, S, other)
+
+
 def factorize_whitened(G: torch.Tensor, L_inv_T: Optional[torch.Tensor], rank: int) -> Factors:
     """Top-k SVD of the whitened target and the un-whitening of its right factor."""
-    Uf, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    Uk, S, Vk = top_svd(G, rank)
     root = S[:rank].sqrt()
-    U = Uf[:, :rank] * root
-    V = Vh[:rank].mT * root
+    U = Uk * root
+    V = Vk * root
     if L_inv_T is not None:
         V = L_inv_T @ V
     return Factors(U=U, V=V, sigma=S, rank=rank)
@@ -184,6 +217,32 @@ def solve(W: torch.Tensor, H: Optional[torch.Tensor], P: Optional[torch.Tensor],
     _, L_inv, _, _, num_clamped, info = ops.whiten_ex(H, eps_rel)
     L_inv_T = L_inv.mT
     return factorize_whitened(P @ L_inv_T, L_inv_T, rank)
+
+
+def solve_output_side(W: torch.Tensor, H: torch.Tensor, rank: int) -> Factors:
+    """The (H, P = W·H) objectives (svd-llm, shift-aware) without whitening H.
+
+    G = W·H·L⁻ᵀ = W·L, so G·Gᵀ = W·H·Wᵀ (m×m): its top-k eigenvectors are G's left singular
+    vectors and W' = U_k·U_kᵀ·W, the same optimum as the whitened solve (whose clamp
+    λ ≥ ε·λ_max is the only difference). For m ≤ n this replaces the n×n eigh by an m×m one:
+    LLaMA-70B's down_proj whitens 8192² instead of 28672². The pair is balanced column by
+    column (‖U_i‖ = ‖V_i‖), as the whitened solve's U_kΣ½ / L⁻ᵀV_kΣ½ are.
+    """
+    evals, evecs = eigh_descending(W @ H @ W.mT)
+    Uk = evecs[:, :rank]
+    V = W.mT @ Uk
+    scale = V.norm(dim=0).sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return Factors(U=Uk * scale, V=V / scale, sigma=evals.clamp_min(0).sqrt(), rank=rank)
+
+
+def output_side(method: "Method", shapes) -> bool:
+    """Whether a group with these (out, in) shapes is solved by solve_output_side: the method's
+    target is P = W·H, and no matrix is taller than wide (else its m×m eigh is the larger one)."""
+    c = method.coefficients
+    if c is None or method.adaptive_beta or method.residual or method.diagonal:
+        return False
+    return (c.c, c.d, c.e) == (c.a, 0, c.b) and all(m <= n for m, n in shapes)
 
 
 def solve_residual(W: torch.Tensor, stage1: Factors, stats: "GroupStatistics", stage2: Coefficients, rank2: int,
@@ -367,6 +426,9 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
     coeffs = method.coefficients
     if method.coefficients is None and not method.adaptive_beta:
         return {name: solve(W, None, None, ranks[name]) for name, W in Ws.items()}
+    if output_side(method, [tuple(W.shape) for W in Ws.values()]):
+        H = combine_metric(coeffs, stats)
+        return {name: solve_output_side(W, H, ranks[name]) for name, W in Ws.items()}
     if whitening is not None:
         white = whitening
     else:
@@ -375,24 +437,26 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
         (white,) = whiten_many([H], eps_rel)
     white = Whitening(white.L_inv_T.to(dtype), white.num_clamped, white.retried_fp64)
     white2 = None
+    if method.adaptive_beta:
+        if beta_search not in BETA_SEARCHES:
+            raise ValueError(f"unknown beta search {beta_search!r}; choose one of {', '.join(BETA_SEARCHES)}")
+        BL, CL = stats.B @ white.L_inv_T, stats.C @ white.L_inv_T  # n×n products shared by the group
+    else:
+        ML = _combine(stats, ((coeffs.c, "A"), (coeffs.d, "C"), (coeffs.e, "B"))) @ white.L_inv_T
     out = {}
     for name, W in Ws.items():
         k = ranks[name]
         if method.adaptive_beta:
-            if beta_search not in BETA_SEARCHES:
-                raise ValueError(f"unknown beta search {beta_search!r}; choose one of {', '.join(BETA_SEARCHES)}")
-            G0 = W @ (stats.B @ white.L_inv_T)
-            G1 = W @ (stats.C @ white.L_inv_T)
+            G0, G1 = W @ BL, W @ CL
             beta = BETA_SEARCHES[beta_search](G0, G1, k, beta_max=beta_max)
             # H = (1+β)B → L = √(1+β) L_B, so G = (G0 + βG1)/√(1+β) and V carries 1/√(1+β).
             scale = 1.0 / math.sqrt(1.0 + beta)
             f = factorize_whitened((G0 + beta * G1) * scale, white.L_inv_T * scale, k)
             f.beta = beta
         else:
-            M = _combine(stats, ((coeffs.c, "A"), (coeffs.d, "C"), (coeffs.e, "B")))
             if method.residual:
                 k1 = min(k, max(1, round(residual_split * k)))
-                f = factorize_whitened(W @ (M @ white.L_inv_T), white.L_inv_T, k1)
+                f = factorize_whitened(W @ ML, white.L_inv_T, k1)
                 if k > k1:
                     stage2 = get_method(residual_stage2).coefficients
                     if stage2 is None or not stage2.needs & {"B", "C"}:
@@ -402,6 +466,6 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
                         (white2,) = whiten_many([combine_metric(stage2, stats)], eps_rel)
                     f = solve_residual(W, f, stats, stage2, k - k1, eps_rel, white2)
             else:
-                f = factorize_whitened(W @ (M @ white.L_inv_T), white.L_inv_T, k)
+                f = factorize_whitened(W @ ML, white.L_inv_T, k)
         out[name] = f
     return out

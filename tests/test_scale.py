@@ -171,3 +171,50 @@ def test_streaming_run_frees_embeddings_and_rereads_them(sharded_checkpoint, tmp
     assert source.model.get_input_embeddings().weight.is_meta  # freed once block 0's input existed
     after = source.non_block_state()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    tiny_model("llama", layers=3).to(torch.bfloat16).save_pretrained(root / "model", max_shard_size="40KB")
+    return str(root / "model")
+
+
+def test_half_checkpoint_runs_in_fp32_on_cpu_and_is_written_in_its_dtype(bf16_checkpoint, tmp_path):
+    """CPU bf16 GEMMs are ~100× slower than fp32: blocks run in fp32, factors are rounded to and
+    written in bf16, and a resumed run (every block replayed from disk) lands on the same model."""
+    from safetensors import safe_open
+
+    cfg = pipeline.CompressionConfig(method="svd-llm", ratio=0.3, batch_size=2)
+    source = pipeline.LazyBlockSource(bf16_checkpoint, keep_compressed=True)
+    compressor = pipeline.Compressor(source, cfg, work_dir=str(tmp_path / "w"), progress=False)
+    assert compressor.compute_dtype == torch.float32 and compressor.storage_dtype == torch.bfloat16
+    compressor.run(_ids())
+    with safe_open(str(tmp_path / "w" / "blocks" / "block-00001.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.bfloat16}
+    assert {p.dtype for p in source.model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        logits = source.model(_ids()).logits
+    assert torch.isfinite(logits).all()
+
+    replayed = pipeline.LazyBlockSource(bf16_checkpoint, keep_compressed=True)
+    pipeline.Compressor(replayed, cfg, work_dir=str(tmp_path / "w"), progress=False).run(_ids())
+    with torch.no_grad():
+        assert torch.equal(replayed.model(_ids()).logits, logits)
+
+    # an explicit compute dtype is honoured (and is part of the run's identity)
+    cfg16 = pipeline.CompressionConfig(method="svd-llm", ratio=0.3, batch_size=2, compute_dtype="bfloat16")
+    assert pipeline.Compressor(pipeline.LazyBlockSource(bf16_checkpoint), cfg16, progress=False).compute_dtype \
+        == torch.bfloat16
+    assert cfg16.fingerprint() != cfg.fingerprint()
+
+
+def test_memory_plan_counts_the_compute_dtype_and_the_output_side_solve(bf16_checkpoint):
+    source = pipeline.LazyBlockSource(bf16_checkpoint)
+    kw = dict(device="cpu", offload="none", n_samples=4, seqlen=32, batch_size=2, solve_dtype=torch.float32)
+    half = memory.plan(source, pipeline.solvers.get_method("svd-llm"), **kw)
+    full = memory.plan(source, pipeline.solvers.get_method("svd-llm"), compute_dtype=torch.float32, **kw)
+    assert full.parts["cpu"]["dense + compressed block"] == 2 * half.parts["cpu"]["dense + compressed block"]
+    anchored = memory.plan(source, pipeline.solvers.get_method("aa-svd"), **kw)
+    assert half.parts["cpu"]["solver workspace"] < anchored.parts["cpu"]["solver workspace"]

@@ -217,3 +217,56 @@ def test_column_fisher_matches_per_batch_gradients():
             "mlp.up_proj", "mlp.down_proj")}
     assert all(float(v.min()) >= 0 and float(v.max()) > 0 for v in f.values())
     assert not any(p.requires_grad is False for p in model.parameters())  # flags restored
+
+
+@pytest.mark.parametrize("m,n,k", [(37, 23, 7), (23, 37, 7), (29, 29, 11)])
+def test_gram_svd_matches_lapack(m, n, k, monkeypatch):
+    """The Gram-eigh path used for large matrices gives LAPACK's σ and the same rank-k truncation."""
+    G = torch.randn(m, n, dtype=torch.float64) * torch.logspace(0, -3, n, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    monkeypatch.setattr(solvers, "GRAM_SVD_MIN", 8)
+    Uk, S2, Vk = solvers.top_svd(G, k)
+    torch.testing.assert_close(S2, S, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close((Uk * S2[:k]) @ Vk.mT, (U[:, :k] * S[:k]) @ Vh[:k], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(Uk.mT @ Uk, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("m,n,k", [(13, 31, 6), (19, 19, 8), (5, 41, 2)])
+@pytest.mark.parametrize("deficient", [False, True])
+def test_output_side_solve_reaches_the_whitened_optimum(m, n, k, deficient):
+    """P = W·H objectives solved from W·H·Wᵀ (no whitening) reach the same optimum, Σ_{i>k} σ² included."""
+    W = torch.randn(m, n, dtype=torch.float64)
+    H = (lambda X: X.T @ X)(torch.randn(n // 2, n, dtype=torch.float64)) if deficient else random_spd(n)
+    P = W @ H
+    ref = solvers.solve(W, H, P, k, eps_rel=1e-14)
+    f = solvers.solve_output_side(W, H, k)
+    assert torch.isfinite(f.U).all() and torch.isfinite(f.V).all()
+    optimum = -float((ref.sigma[:k] ** 2).sum())
+    assert float(solvers.objective(f.U @ f.V.T, H, P)) == pytest.approx(optimum, rel=1e-8)
+    torch.testing.assert_close(f.sigma, ref.sigma[: f.sigma.numel()], rtol=1e-6, atol=1e-6 * float(ref.sigma[0]))
+    assert f.truncation_loss == pytest.approx(ref.truncation_loss, rel=1e-6, abs=1e-9 * float(ref.sigma[0]) ** 2)
+    # balanced columns: bf16 storage sees neither a tiny U nor a huge V
+    torch.testing.assert_close(f.U.norm(dim=0), f.V.norm(dim=0))
+
+
+def test_output_side_is_chosen_only_for_p_equals_w_h():
+    wide, tall = [(8, 16), (16, 16)], [(32, 16)]
+    get = solvers.get_method
+    assert solvers.output_side(get("svd-llm"), wide) and solvers.output_side(get("shift-aware"), wide)
+    assert not solvers.output_side(get("svd-llm"), tall)  # its m×m eigh would be the larger one
+    for name in ("aa-svd", "saes", "erc-svd", "asvd", "svd"):
+        assert not solvers.output_side(get(name), wide)
+
+
+def test_output_side_group_equals_whitened_group(monkeypatch):
+    """solve_group picks the output side for svd-llm's wide groups; the factors' product is unchanged."""
+    n = 24
+    stats = solvers.GroupStatistics(A=random_spd(n))
+    W = {"q": torch.randn(n, n, dtype=torch.float64), "k": torch.randn(7, n, dtype=torch.float64)}
+    ranks = {"q": 9, "k": 3}
+    method = solvers.get_method("svd-llm")
+    fast = solvers.solve_group(method, W, ranks, stats, eps_rel=1e-14)
+    monkeypatch.setattr(solvers, "output_side", lambda *a: False)
+    slow = solvers.solve_group(method, W, ranks, stats, eps_rel=1e-14)
+    for name in W:
+        torch.testing.assert_close(fast[name].U @ fast[name].V.T, slow[name].U @ slow[name].V.T, rtol=1e-7, atol=1e-9)
