@@ -83,12 +83,8 @@ def run_one(args) -> dict:
         with tempfile.TemporaryDirectory() as work_dir:
             compressor = pipeline.Compressor(source, cfg, work_dir=work_dir if streaming else None,
                                              progress=not args.quiet)
-            if compressor.method.diagonal == "fisher":  # FWSVD's gradients: part of its cost and its peak
-                from lowrank_engine import fisher
-
-                dense = models.load_model(path)[0]
-                compressor.fisher = fisher.column_fisher(dense, calib.input_ids, progress=not args.quiet)
-                del dense
+            # FWSVD's gradients (whole dense model): part of its cost and of its peak
+            compressor.prepare(calib.input_ids, lambda: models.load_model(path)[0])
             result = compressor.run(calib.input_ids)
         record.update(compress_seconds=round(time.perf_counter() - start, 1),
                       peak_rss_mb=round(result.peak_rss_mb, 1),

@@ -85,7 +85,7 @@ def model_shapes(source) -> list[dict[str, tuple[int, int]]]:
 
 def dense_spectra(path: str, input_ids: torch.Tensor, device: str = "cpu", batch_size: int = 8,
                   trust_remote_code: bool = False, progress: bool = True, offload: str = "none",
-                  solve_dtype=None, max_memory=None) -> dict[str, torch.Tensor]:
+                  solve_dtype=None, max_memory=None, compute_dtype=None) -> dict[str, torch.Tensor]:
     """σ(W L_A) for every linear: SVD-LLM's whitened spectra on the dense statistics, one streamed pass
     under the run's own device, offload, precision and memory budget."""
     from lowrank_engine import pipeline
@@ -93,6 +93,7 @@ def dense_spectra(path: str, input_ids: torch.Tensor, device: str = "cpu", batch
     source = pipeline.LazyBlockSource(path, trust_remote_code, keep_compressed=False)
     cfg = pipeline.CompressionConfig(method="svd-llm", ratio=0.5, device=device, batch_size=batch_size,
                                      track_error=False, offload=offload, solve_dtype=solve_dtype,
+                                     compute_dtype=compute_dtype,
                                      max_memory=max_memory)
     compressor = pipeline.Compressor(source, cfg, progress=progress)
     compressor.spectra = {}

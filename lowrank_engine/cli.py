@@ -72,6 +72,9 @@ def _add_compress(sub):
                         "any work when the planned peak of one block does not fit")
     p.add_argument("--solve-dtype", default=None, choices=["float32", "float64"],
                    help="precision of whitening and SVD (default float64 on CPU, float32 on GPU)")
+    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="precision the blocks run in (default: the checkpoint's; float32 on CPU for bf16/fp16 "
+                        "checkpoints, whose CPU GEMMs are ~100x slower); factors are written in the checkpoint's")
     p.add_argument("--output", default=None, help="checkpoint directory (default lowrank-out/<model>-<method>-r<ratio>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     p.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
@@ -129,7 +132,7 @@ def cmd_compress(args) -> int:
                        beta_search=args.beta_search, device=args.device, offload=args.offload,
                        batch_size=args.batch_size, max_memory=args.max_memory,
                        residual_split=args.residual_split, residual_stage2=args.residual_stage2,
-                       solve_dtype=args.solve_dtype, refine=dict(
+                       solve_dtype=args.solve_dtype, compute_dtype=args.compute_dtype, refine=dict(
                            refine=args.refine, refine_passes=args.refine_passes, refine_lr=args.refine_lr,
                            refine_weight_decay=args.refine_weight_decay, refine_warmup=args.refine_warmup,
                            refine_final_lr_ratio=args.refine_final_lr, refine_clip=args.refine_clip,

@@ -41,6 +41,7 @@ class JobSpec:
     residual_stage2: str = "aa-svd"  # erc-svd
     refine: dict = field(default_factory=dict)  # CompressionConfig refine_* fields (refine=True to enable)
     solve_dtype: Optional[str] = None  # float32 | float64 (default: float64 on CPU, float32 on GPU)
+    compute_dtype: Optional[str] = None  # blocks' precision (default: the checkpoint's; fp32 on CPU for bf16/fp16)
     output: Optional[str] = None
     resume: bool = False
     save: bool = True
@@ -84,6 +85,7 @@ def allocate_ranks(spec: JobSpec, path: str, source, input_ids) -> dict:
         return allocation.last_layers(block_shapes, spec.ratio, spec.last_layers)
     spectra = allocation.dense_spectra(path, input_ids, spec.device, spec.batch_size, spec.trust_remote_code,
                                        spec.progress, offload=spec.offload, solve_dtype=spec.solve_dtype,
+                                       compute_dtype=spec.compute_dtype,
                                        max_memory=spec.max_memory)
     return allocation.waterfill(spectra, {k: v for b in block_shapes for k, v in b.items()}, spec.ratio)
 
@@ -150,17 +152,13 @@ def run_job(spec: JobSpec) -> dict:
                                      batch_size=spec.batch_size, max_memory=spec.max_memory,
                                      residual_split=spec.residual_split, residual_stage2=spec.residual_stage2,
                                      **spec.refine,
-                                     solve_dtype=spec.solve_dtype)
+                                     solve_dtype=spec.solve_dtype, compute_dtype=spec.compute_dtype)
     dense_linears = sum(p.numel() for b in source.blocks for m in models.block_linears(b).values()
                         for p in m.parameters())
     dense_params = models.count_parameters(source.model)
     compressor = pipeline.Compressor(source, cfg, work_dir=work_dir if spec.save else None, progress=spec.progress)
-    if compressor.method.diagonal == "fisher":  # gradients need the whole dense model once
-        from lowrank_engine import fisher
-
-        dense = models.load_model(path, trust_remote_code=spec.trust_remote_code)[0].to(spec.device)
-        compressor.fisher = fisher.column_fisher(dense, calib.input_ids, device=spec.device, progress=spec.progress)
-        del dense
+    compressor.prepare(calib.input_ids,
+                       lambda: models.load_model(path, trust_remote_code=spec.trust_remote_code)[0].to(spec.device))
     compressor.memory_plan(calib.input_ids)  # a budget that cannot hold one block fails before any output exists
     distributed.barrier()  # every rank has checked the output paths before any creates them
     if spec.save:

@@ -109,9 +109,10 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
 
     groups = max((_groups(b) for b in source.blocks), key=lambda g: sum(n * n for n, _ in g))
     if two_stream:
-        plan.add(compute, "statistics (fp32)", 3 * 4 * max(n * n for n, _ in groups))
+        count = max(len(method.needs & {"A", "B", "C"}), 2)  # B and C at least
+        plan.add(compute, "statistics (fp32)", count * 4 * max(n * n for n, _ in groups))
         if solve_bytes != 4:  # the solver's own copies of A, B, C in its dtype
-            plan.add(compute, "statistics (solve dtype)", 3 * solve_bytes * max(n * n for n, _ in groups))
+            plan.add(compute, "statistics (solve dtype)", count * solve_bytes * max(n * n for n, _ in groups))
     elif "A" in method.needs:
         plan.add(compute, "statistics (fp32)", 4 * sum(n * n for n, _ in groups))
     if method.coefficients is not None or method.adaptive_beta:

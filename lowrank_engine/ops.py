@@ -233,15 +233,34 @@ def _check_covariance_args(A, X, weight):
         raise ValueError(f"covariance: weight has {weight.numel()} entries for {_as_rows(X).shape[0]} tokens")
 
 
+SYMMETRIC_PANELS = 4  # a symmetric statistic computes 4 block-rows of its upper triangle: 10/16 of the GEMM
+
+
+def _accumulate_symmetric(acc: torch.Tensor, xw: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += xwᵀx for a symmetric result: the diagonal and upper blocks only, then mirrored
+    block by block (no n×n temporary, which for a 28672² statistic would be 3 GiB)."""
+    n, tokens = acc.shape[0], x.shape[0]
+    if n < 512 or tokens < 256:  # small products: one GEMM is faster than the bookkeeping
+        acc.addmm_(xw.T, x)
+        return
+    step = -(-n // SYMMETRIC_PANELS)
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        acc[i:j, i:].addmm_(xw[:, i:j].T, x[:, i:])
+        acc[j:, i:j].copy_(acc[i:j, j:].T)
+
+
 def covariance_reference(A, B, C, X, Xp, weight) -> None:
-    """In-place fp32 accumulation; weight multiplies each token's outer product."""
+    """In-place fp32 accumulation; weight multiplies each token's outer product. A may be None
+    in the two-stream form (methods that read only B and C skip its GEMM)."""
     x = _as_rows(X).float()
     xw = x if weight is None else x * weight.reshape(-1, 1).float()
-    A.addmm_(xw.T, x)
+    if A is not None:
+        _accumulate_symmetric(A, xw, x)
     if B is not None:
         xp = _as_rows(Xp).float()
         xpw = xp if weight is None else xp * weight.reshape(-1, 1).float()
-        B.addmm_(xpw.T, xp)
+        _accumulate_symmetric(B, xpw, xp)
         C.addmm_(xw.T, xp)
 
 
@@ -259,10 +278,10 @@ def _(A, X, weight):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::covariance_accumulate_pair", mutates_args=("A", "B", "C"))
-def _covariance_pair_op(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Xp: torch.Tensor,
-                        weight: Optional[torch.Tensor]) -> None:
-    if _use_triton(X):
-        _triton_kernels().covariance_accumulate(A, B, C, X, Xp, weight)
+def _covariance_pair_op(A: Optional[torch.Tensor], B: torch.Tensor, C: torch.Tensor, X: torch.Tensor,
+                        Xp: torch.Tensor, weight: Optional[torch.Tensor]) -> None:
+    if _use_triton(X):  # the fused kernel always produces A; without one it lands in a scratch
+        _triton_kernels().covariance_accumulate(torch.zeros_like(B) if A is None else A, B, C, X, Xp, weight)
     else:
         covariance_reference(A, B, C, X, Xp, weight)
 
@@ -272,14 +291,16 @@ def _(A, B, C, X, Xp, weight):
     return None
 
 
-def covariance_accumulate(A: torch.Tensor, X: torch.Tensor, B: Optional[torch.Tensor] = None,
+def covariance_accumulate(A: Optional[torch.Tensor], X: torch.Tensor, B: Optional[torch.Tensor] = None,
                           C: Optional[torch.Tensor] = None, Xp: Optional[torch.Tensor] = None,
                           weight: Optional[torch.Tensor] = None) -> None:
     """A += XᵀX; with Xp also B += X'ᵀX' and C += XᵀX'. X, Xp: [..., n]; weight: [...] or None.
 
-    A padding mask is a 0/1 weight.
+    A padding mask is a 0/1 weight. In the two-stream form A may be None (only B and C wanted).
     """
-    _check_covariance_args(A, X, weight)
+    if A is None and (Xp is None or B is None or C is None):
+        raise ValueError("covariance: A may be omitted only in the two-stream form (with Xp, B and C)")
+    _check_covariance_args(A if A is not None else B, X, weight)
     if Xp is None:
         if B is not None or C is not None:
             raise ValueError("covariance: B and C need the second stream Xp")
@@ -289,8 +310,9 @@ def covariance_accumulate(A: torch.Tensor, X: torch.Tensor, B: Optional[torch.Te
         raise ValueError("covariance: the two-stream form needs both B and C")
     if Xp.shape != X.shape:
         raise ValueError(f"covariance: X {tuple(X.shape)} and Xp {tuple(Xp.shape)} differ in shape")
+    reference = A if A is not None else B
     for name, acc in (("B", B), ("C", C)):
-        if acc.shape != A.shape or acc.dtype != torch.float32:
+        if acc.shape != reference.shape or acc.dtype != torch.float32:
             raise ValueError(f"covariance: {name} must match A ({tuple(A.shape)}, float32)")
     torch.ops.lowrank_engine.covariance_accumulate_pair(A, B, C, X, Xp, weight)
 

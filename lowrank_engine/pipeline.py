@@ -18,7 +18,7 @@ import resource
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -495,8 +495,7 @@ class Compressor:
                     index: int, needs: frozenset) -> solvers.GroupStatistics:
         n = comp.get_submodule(group[0]).in_features
         zeros = lambda: torch.zeros(n, n, dtype=torch.float32, device=self.device)  # noqa: E731
-        # the two-stream kernel produces A alongside C, so A exists whenever C is needed
-        stats = solvers.GroupStatistics(A=zeros() if needs & {"A", "C"} else None,
+        stats = solvers.GroupStatistics(A=zeros() if "A" in needs else None,
                                         B=zeros() if needs & {"B", "C"} else None,
                                         C=zeros() if "C" in needs else None)
         where = f"block {index} {', '.join(group)}"
@@ -701,6 +700,14 @@ class Compressor:
             plan.check(memory.parse_budget(cfg.max_memory, cfg.device))
         return plan
 
+    def prepare(self, input_ids: torch.Tensor, dense_model: Callable[[], nn.Module]) -> None:
+        """Statistics that need the whole dense model at once: FWSVD's Fisher (gradients). `dense_model`
+        is called only for such methods, and its model is dropped once they are collected."""
+        if self.method.diagonal == "fisher":
+            from lowrank_engine import fisher
+
+            self.fisher = fisher.column_fisher(dense_model(), input_ids, device=self.device, progress=self.progress)
+
     def _say(self, text: str) -> None:
         if self.progress and self.rank == 0:
             tqdm.write(text)
@@ -855,9 +862,5 @@ def compress_model(model: nn.Module, input_ids: torch.Tensor, cfg: CompressionCo
     """Compress an in-memory HF causal LM in place."""
     model.eval()
     compressor = Compressor(BlockSource(model), cfg, work_dir=work_dir, progress=progress)
-    if compressor.method.diagonal == "fisher":
-        from lowrank_engine import fisher
-
-        compressor.fisher = fisher.column_fisher(model, input_ids, device=next(model.parameters()).device,
-                                                 progress=progress)
+    compressor.prepare(input_ids, lambda: model)
     return compressor.run(input_ids)

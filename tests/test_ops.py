@@ -46,7 +46,25 @@ def test_covariance_reference_against_float64(weighted):
     torch.testing.assert_close(C.double(), C0.double() + (x * ww[:, None]).T @ xp, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("with_a", [True, False])
+def test_covariance_symmetric_panels_against_float64(with_a):
+    """Statistics wide enough for the panelled symmetric GEMM (n ≥ 512, odd) and the A-less pair form."""
+    n, tokens = 523, 301
+    X, Xp = torch.randn(tokens, n), torch.randn(tokens, n) * 3 + 0.5
+    M1, M2 = torch.randn(n, n), torch.randn(n, n)
+    A0, B0, C0 = M1 + M1.T, M2 + M2.T, torch.randn(n, n)  # accumulators hold symmetric sums
+    A, B, C = A0.clone() if with_a else None, B0.clone(), C0.clone()
+    ops.covariance_accumulate(A, X, B, C, Xp)
+    x, xp = X.double(), Xp.double()
+    if with_a:
+        torch.testing.assert_close(A.double(), A0.double() + x.T @ x, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(B.double(), B0.double() + xp.T @ xp, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(C.double(), C0.double() + x.T @ xp, rtol=1e-5, atol=1e-3)
+
+
 def test_covariance_rejects_bad_input():
+    with pytest.raises(ValueError, match="two-stream"):
+        ops.covariance_accumulate(None, torch.randn(4, 3))
     with pytest.raises(ValueError, match="float32"):
         ops.covariance_accumulate(torch.zeros(3, 3, dtype=torch.float64), torch.randn(4, 3))
     with pytest.raises(ValueError, match="features"):
@@ -67,6 +85,8 @@ def test_opcheck_reference_ops():
                           (torch.randn(5, 5), X, torch.rand(10)))
     torch.library.opcheck(torch.ops.lowrank_engine.covariance_accumulate_pair.default,
                           (torch.randn(5, 5), torch.randn(5, 5), torch.randn(5, 5), X, Xp, None))
+    torch.library.opcheck(torch.ops.lowrank_engine.covariance_accumulate_pair.default,
+                          (None, torch.randn(5, 5), torch.randn(5, 5), X, Xp, None))
     H = torch.randn(2, 6, 6, dtype=torch.float64)
     H = H @ H.mT
     torch.library.opcheck(torch.ops.lowrank_engine.whiten.default, (H, 1e-6))

@@ -218,3 +218,26 @@ def test_memory_plan_counts_the_compute_dtype_and_the_output_side_solve(bf16_che
     assert full.parts["cpu"]["dense + compressed block"] == 2 * half.parts["cpu"]["dense + compressed block"]
     anchored = memory.plan(source, pipeline.solvers.get_method("aa-svd"), **kw)
     assert half.parts["cpu"]["solver workspace"] < anchored.parts["cpu"]["solver workspace"]
+
+
+def test_scale_benchmark_extrapolation_arithmetic():
+    """benchmarks/scale.py: per-block stage times → 80 blocks at 256×2048 tokens, here and on one H100."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "scale.py")
+    spec = importlib.util.spec_from_file_location("scale_benchmark", path)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    record = {"model": "70b-l2", "device": "cpu (2 cores)", "calibration": "random 16x256",
+              "gemm_fp32_gflops": 80.0, "eigh4096_fp32_s": 12.0, "planned_h100_gpu_mb": 30 * 1024,
+              "load_s_per_block": 10.0, "statistics_s_per_block": 100.0, "whitening_s_per_block": 50.0,
+              "solve_s_per_block": 300.0, "propagate_s_per_block": 0.0, "write_s_per_block": 5.0}
+    text = "\n".join(scale.extrapolate(record))
+    token_scale = 256 * 2048 / (16 * 256)  # 128
+    gemm = scale.H100["gemm_tflops"] * 1e12 / 80e9
+    lapack = 12.0 / scale.H100["eigh4096_s"]
+    here = 10 + 100 * token_scale + 50 + 300 + 5
+    h100 = 10 + 100 * token_scale / gemm + (50 + 300) / lapack + 5
+    assert f"{here:,.0f} s/block × 80 = {here * 80 / 3600:,.1f} h" in text
+    assert f"{h100:.1f} s/block × 80 = {h100 * 80 / 60:.0f} min" in text
+    assert "30.0 GiB" in text
