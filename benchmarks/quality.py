@@ -32,13 +32,24 @@ PEERS = {  # the published AA-SVD code on this protocol (WikiText-2 / C4)
 DEFAULT_METHODS = "svd,asvd,fwsvd,svd-llm,shift-aware,aa-svd,aa-svd+refine,erc-svd,saes,saes:fixed"
 
 
-def parse_method(spec: str) -> tuple[str, str, bool]:
-    """'saes:fixed' → ('saes', 'fixed', False); 'aa-svd+refine' → ('aa-svd', 'exact', True)."""
-    spec, plus, modifier = spec.partition("+")
-    if plus and modifier != "refine":
-        raise ValueError(f"unknown modifier +{modifier} in {spec}{plus}{modifier}")
-    method, _, search = spec.partition(":")
-    return method, search or "exact", bool(plus)
+MODIFIERS = ("refine", "waterfill")
+
+
+def parse_method(spec: str) -> tuple[str, str, bool, str]:
+    """(method, β search, refine, rank allocation): 'saes:fixed' → ('saes', 'fixed', False, 'uniform');
+    'aa-svd+refine+waterfill' → ('aa-svd', 'exact', True, 'waterfill'); a preset ('best') expands to its options."""
+    from lowrank_engine import job
+
+    base, *modifiers = spec.split("+")
+    for modifier in modifiers:
+        if modifier not in MODIFIERS:
+            raise ValueError(f"unknown modifier +{modifier} in {spec}; choose from {', '.join(MODIFIERS)}")
+    method, _, search = base.partition(":")
+    refine, alloc = "refine" in modifiers, "waterfill" if "waterfill" in modifiers else "uniform"
+    if method in job.PRESETS:
+        preset = job.PRESETS[method]
+        method, refine, alloc = preset["method"], refine or preset["refine"], preset["rank_alloc"]
+    return method, search or "exact", refine, alloc
 
 
 def device_name() -> str:
@@ -58,7 +69,7 @@ def run_one(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    method, search, refine = parse_method(args.one)
+    method, search, refine, alloc = parse_method(args.one)
     path = models.resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = {"wikitext2": data.evaluation_windows("wikitext2", tokenizer, args.wikitext_windows, args.eval_seqlen),
@@ -75,11 +86,19 @@ def run_one(args) -> dict:
         record.update(compress_seconds=0.0, peak_rss_mb=None)
     else:
         calib = data.load_calibration("c4", tokenizer, args.nsamples, args.seqlen, args.seed)
-        cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, beta_search=search, refine=refine,
-                                         refine_passes=args.refine_passes,
-                                         batch_size=args.batch_size, device=args.device)
         pipeline.reset_peak_rss()
         start = time.perf_counter()
+        rank_map = None
+        if alloc == "waterfill":  # the dense spectra pass is part of the method's cost
+            from lowrank_engine import allocation
+
+            spectra = allocation.dense_spectra(path, calib.input_ids, args.device, args.batch_size,
+                                               progress=not args.quiet)
+            shapes = {k: v for b in allocation.model_shapes(source) for k, v in b.items()}
+            rank_map = allocation.waterfill(spectra, shapes, args.ratio)
+        cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, rank_map=rank_map, beta_search=search,
+                                         refine=refine, refine_passes=args.refine_passes,
+                                         batch_size=args.batch_size, device=args.device)
         with tempfile.TemporaryDirectory() as work_dir:
             compressor = pipeline.Compressor(source, cfg, work_dir=work_dir if streaming else None,
                                              progress=not args.quiet)
@@ -118,7 +137,7 @@ def run_configs(args, configs: list) -> list:
     os.makedirs(args.runs_dir, exist_ok=True)
     records = []
     for method, ratio in configs:
-        label = method.replace(":", "-") + (f"{args.refine_passes}" if method.endswith("+refine") else "")
+        label = method.replace(":", "-") + (f"{args.refine_passes}" if parse_method(method)[2] else "")
         cache = os.path.join(args.runs_dir, f"{args.protocol}_{label}_{ratio}.json")
         if os.path.exists(cache):
             with open(cache) as f:
@@ -148,7 +167,7 @@ def cached_records(args) -> list:
             with open(os.path.join(args.runs_dir, name)) as f:
                 records.append(json.load(f))
     order = {m: i for i, m in enumerate(["dense", "svd", "asvd", "fwsvd", "svd-llm", "shift-aware", "aa-svd",
-                                               "aa-svd+refine", "erc-svd", "saes", "saes:fixed"])}
+                                               "aa-svd+refine", "erc-svd", "saes", "saes:fixed", "best"])}
     return sorted(records, key=lambda r: (r["ratio"] if r["method"] != "dense" else -1, order.get(r["method"], 99)))
 
 
@@ -159,12 +178,14 @@ def write_outputs(args, records: list) -> None:
     flat = []
     for r in records:
         flat.append({k: r.get(k) for k in ("method", "ratio", "wikitext2_ppl", "c4_ppl", "compress_seconds",
-                                           "peak_rss_mb", "protocol", "device", "calibration", "beta_mean")})
-        peer = PEERS.get(r["method"], {}).get(r["ratio"]) if r.get("protocol") == PROTOCOL else None
+                                           "peak_rss_mb", "protocol", "device", "calibration", "beta_mean",
+                                           "refine_passes")})
+        like_for_like = r.get("protocol") == PROTOCOL and r.get("refine_passes") in (None, 3)  # the peer refined 3 passes
+        peer = PEERS.get(r["method"], {}).get(r["ratio"]) if like_for_like else None
         if peer:
             flat[-1]["peer_wikitext2_ppl"], flat[-1]["peer_c4_ppl"] = peer
     write_json(flat, os.path.join(args.out_dir, "quality.json"))
-    columns = ("method", "ratio", "wikitext2_ppl", "c4_ppl", "peer_wikitext2_ppl", "peer_c4_ppl",
+    columns = ("method", "ratio", "refine_passes", "wikitext2_ppl", "c4_ppl", "peer_wikitext2_ppl", "peer_c4_ppl",
                "compress_seconds", "peak_rss_mb")
     table = format_table(flat, columns)
     print("\n" + table)

@@ -19,14 +19,16 @@ model itself, then prints the results table."""
 
 
 def _add_compress(sub):
-    from lowrank_engine import data, solvers
+    from lowrank_engine import data, job, solvers
 
     p = sub.add_parser("compress", help="compress a model and evaluate it",
                        description="Compress a causal LM block by block, evaluate it, and save it.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (embedded default), a local HF checkpoint directory, or a hub id")
-    p.add_argument("--method", default="saes", choices=sorted(solvers.METHODS), help="compression objective")
+    p.add_argument("--method", default="saes", choices=sorted(solvers.METHODS) + sorted(job.PRESETS),
+                   help="compression objective, or a preset of the engine's stages (best: aa-svd + waterfill "
+                        "ranks + block refinement)")
     p.add_argument("--ratio", type=float, default=0.2,
                    help="fraction of the compressible-linear parameters REMOVED, in (0, 1)")
     p.add_argument("--rank-map", default=None,

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from lowrank_engine import checkpoint, data, distributed, evaluation, models, pipeline, report
@@ -53,12 +53,31 @@ class JobSpec:
     trust_remote_code: bool = False
     progress: bool = True
     plot: bool = True
+    preset: Optional[str] = None  # set by expand_preset: the preset this job's options came from
+
+
+# A preset composes the engine's stages (objective, rank allocation, refinement); it is not a
+# method of its own. "best": the anchored objective (AA-SVD stage 1) stops error from compounding
+# through depth, water-filling spends ranks where the whitened spectra decay slowest, and block
+# refinement recovers what the per-matrix closed forms cannot (see benchmarks/results/quality.md).
+PRESETS = {
+    "best": {"method": "aa-svd", "rank_alloc": "waterfill", "refine": True},
+}
+
+
+def expand_preset(spec: JobSpec) -> JobSpec:
+    """A job whose method names a preset, with the preset's options filled in."""
+    preset = PRESETS.get(spec.method)
+    if preset is None:
+        return spec
+    refine = {**spec.refine, "refine": preset["refine"] or spec.refine.get("refine", False)}
+    return replace(spec, method=preset["method"], rank_alloc=preset["rank_alloc"], refine=refine, preset=spec.method)
 
 
 def default_output(spec: JobSpec) -> str:
     name = os.path.basename(os.path.normpath(spec.model)) or "model"
     tag = f"r{spec.ratio}" if spec.ratio is not None else "rankmap"
-    return os.path.join("lowrank-out", f"{name}-{spec.method}-{tag}")
+    return os.path.join("lowrank-out", f"{name}-{spec.preset or spec.method}-{tag}")
 
 
 def read_rank_map(path: str) -> dict:
@@ -118,6 +137,7 @@ def run_job(spec: JobSpec) -> dict:
     """Returns the summary record (also printed and written as JSON next to the checkpoint)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    spec = expand_preset(spec)
     _validate(spec)
     output = spec.output or default_output(spec)
     work_dir = os.path.abspath(output) + ".partial"
@@ -177,7 +197,7 @@ def run_job(spec: JobSpec) -> dict:
     else:
         model = source.model.to(spec.device)
 
-    record = {"method": spec.method, "ratio": spec.ratio, "model": spec.model,
+    record = {"method": spec.preset or spec.method, "ratio": spec.ratio, "model": spec.model,
               "compressible_params": _compressible_parameters(model), "compressible_dense": dense_linears,
               "model_params": models.count_parameters(model), "model_dense": dense_params,
               "compress_seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb, "peak_gpu_mb": result.peak_gpu_mb,
