@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         args.work_dir = owned = tempfile.mkdtemp(prefix="lowrank-scale-")
     records = []
     try:
-        for name in args.configs.split(","):
+        for name in filter(None, args.configs.split(",")):  # --configs "": re-render the table from scale.json
             spec = prepare(name, args)
             print(f"[scale] {name} ...", flush=True)
             start = time.time()
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         order = ["smollm2", "deep", "70b-l2", "70b-l4"]
         records = sorted(kept + records, key=lambda r: order.index(r["model"]) if r["model"] in order else 99)
 
-    columns = ("model", "blocks", "hidden", "method", "calibration", "offload", "block_mb", "planned_cpu_mb",
+    columns = ("model", "blocks", "hidden", "method", "calibration", "offload", "compute_dtype", "block_mb", "planned_cpu_mb",
                "peak_rss_mb", "planned_gpu_mb", "peak_gpu_mb", "compress_seconds", *(f"{s}_s_per_block" for s in STAGES))
     print("\n" + format_table(records, columns))
     md = ["# Scale: peak memory vs depth and width", "",
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         a, b = by_model["70b-l2"]["peak_rss_mb"], by_model["70b-l4"]["peak_rss_mb"]
         md.append(f"Peak RSS L=2 → L=4: {a:,.0f} → {b:,.0f} MB ({(b / a - 1):+.1%}).")
         md.append("")
-    for name in ("70b-l4", "70b-l2"):
+    for name in ("70b-l2", "70b-l4"):
         if by_model.get(name, {}).get("compress_seconds"):
             md += extrapolate(by_model[name]) + [""]
             break
