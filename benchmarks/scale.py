@@ -78,19 +78,19 @@ def run_one(args) -> dict:
                   block_mb=round(source.block_bytes(0) / 2**20, 1),
                   planned_cpu_mb=round(plan.peak("cpu") / 2**20, 1),
                   planned_gpu_mb=round(plan.peak("cuda") / 2**20, 1) if spec["device"].startswith("cuda") else None)
+    if spec["calibration"] == "random":  # the 70B-shaped target: one H100, 256×2048 tokens, streams in pinned memory
+        h100 = memory.plan(source, compressor.method, device="cuda", offload="cpu", n_samples=TARGET["tokens"] // 2048,
+                           seqlen=2048, batch_size=spec["batch_size"], solve_dtype=torch.float32, track_error=False,
+                           compute_dtype=torch.bfloat16)  # from shapes, before the blocks are released
+        record["planned_h100_gpu_mb"] = round(h100.peak("cuda") / 2**20, 1)
     if spec.get("plan_only"):
         return record
+    record.update(device_rates(spec["device"]))
     pipeline.reset_peak_rss()
     with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as work_dir:
         compressor.work_dir = work_dir  # factors and spilled streams go to disk, as `compress --offload disk`
         result = compressor.run(ids)
     per_block = {s: sum(b.seconds.get(s, 0.0) for b in result.blocks) / len(result.blocks) for s in STAGES}
-    record.update(device_rates(spec["device"]))
-    if spec["calibration"] == "random":  # the 70B-shaped target: one H100, 256×2048 tokens, streams in pinned memory
-        h100 = memory.plan(source, compressor.method, device="cuda", offload="cpu", n_samples=TARGET["tokens"] // 2048,
-                           seqlen=2048, batch_size=spec["batch_size"], solve_dtype=torch.float32, track_error=False,
-                           compute_dtype=torch.bfloat16)
-        record["planned_h100_gpu_mb"] = round(h100.peak("cuda") / 2**20, 1)
     record.update(peak_rss_mb=round(result.peak_rss_mb, 1),
                   peak_gpu_mb=round(result.peak_gpu_mb, 1) if spec["device"].startswith("cuda") else None,
                   compress_seconds=round(result.seconds, 1),
