@@ -27,8 +27,8 @@ def _add_compress(sub):
     p.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (embedded default), a local HF checkpoint directory, or a hub id")
     p.add_argument("--method", default="saes", choices=sorted(solvers.METHODS) + sorted(job.PRESETS),
-                   help="compression objective, or a preset of the engine's stages (best: aa-svd + waterfill "
-                        "ranks + block refinement)")
+                   help="compression objective, or a preset of the engine's stages (best: aa-svd + block "
+                        "refinement)")
     p.add_argument("--ratio", type=float, default=0.2,
                    help="fraction of the compressible-linear parameters REMOVED, in (0, 1)")
     p.add_argument("--rank-map", default=None,

@@ -58,10 +58,11 @@ class JobSpec:
 
 # A preset composes the engine's stages (objective, rank allocation, refinement); it is not a
 # method of its own. "best": the anchored objective (AA-SVD stage 1) stops error from compounding
-# through depth, water-filling spends ranks where the whitened spectra decay slowest, and block
-# refinement recovers what the per-matrix closed forms cannot (see benchmarks/results/quality.md).
+# through depth, and block refinement recovers what the per-matrix closed forms cannot. Water-filled
+# ranks were measured worse at ratio 0.4 (551.5 / 269.6 against 447.1 / 222.2 uniform), so ranks stay
+# uniform (benchmarks/results/quality.md).
 PRESETS = {
-    "best": {"method": "aa-svd", "rank_alloc": "waterfill", "refine": True},
+    "best": {"method": "aa-svd", "rank_alloc": "uniform", "refine": True},
 }
 
 

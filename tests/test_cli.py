@@ -186,7 +186,7 @@ def test_fwsvd_through_the_cli(tiny_checkpoint, tmp_path):
     assert cfg["method"] == "fwsvd" and len(cfg["ranks"]) == 14
 
 
-def test_best_preset_composes_anchoring_allocation_and_refinement(tiny_checkpoint, tmp_path):
+def test_best_preset_composes_anchoring_and_refinement(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "best", "--ratio", 0.3, "--fidelity-samples", 0,
                                    "--refine-passes", 2, "--json", tmp_path / "r.json")) == 0
@@ -194,4 +194,4 @@ def test_best_preset_composes_anchoring_allocation_and_refinement(tiny_checkpoin
     assert record["method"] == "best" and record["stage_seconds"]["refine"] > 0
     assert record["compressible_reduction"] == pytest.approx(0.3, abs=0.03)
     _, cfg = checkpoint.load(str(out))
-    assert cfg["method"] == "aa-svd" and len(set(cfg["ranks"].values())) > 2  # anchored, water-filled ranks
+    assert cfg["method"] == "aa-svd"  # anchored, then refined
