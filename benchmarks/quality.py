@@ -92,10 +92,8 @@ def run_one(args) -> dict:
         if alloc == "waterfill":  # the dense spectra pass is part of the method's cost
             from lowrank_engine import allocation
 
-            spectra = allocation.dense_spectra(path, calib.input_ids, args.device, args.batch_size,
-                                               progress=not args.quiet)
-            shapes = {k: v for b in allocation.model_shapes(source) for k, v in b.items()}
-            rank_map = allocation.waterfill(spectra, shapes, args.ratio)
+            rank_map = allocation.waterfill_from_model(path, source, calib.input_ids, args.ratio, device=args.device,
+                                                       batch_size=args.batch_size, progress=not args.quiet)
         cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, rank_map=rank_map, beta_search=search,
                                          refine=refine, refine_passes=args.refine_passes,
                                          batch_size=args.batch_size, device=args.device)

@@ -101,5 +101,12 @@ def dense_spectra(path: str, input_ids: torch.Tensor, device: str = "cpu", batch
     return compressor.spectra
 
 
+def waterfill_from_model(path: str, source, input_ids: torch.Tensor, ratio: float, **run_options) -> dict[str, int]:
+    """The water-filled rank map of a checkpoint: its dense spectra (one streamed pass with
+    `run_options`, see dense_spectra), then waterfill over every linear of `source`."""
+    spectra = dense_spectra(path, input_ids, **run_options)
+    return waterfill(spectra, {k: v for b in model_shapes(source) for k, v in b.items()}, ratio)
+
+
 def kept_parameters(ranks: dict[str, Optional[int]], shapes: dict[str, tuple[int, int]]) -> int:
     return sum(m * n if ranks.get(name) is None else ranks[name] * (m + n) for name, (m, n) in shapes.items())

@@ -100,14 +100,12 @@ def allocate_ranks(spec: JobSpec, path: str, source, input_ids) -> dict:
     """The rank map of a non-uniform allocation (entries of --rank-map still override it)."""
     from lowrank_engine import allocation
 
-    block_shapes = allocation.model_shapes(source)
     if spec.rank_alloc == "last-layers":
-        return allocation.last_layers(block_shapes, spec.ratio, spec.last_layers)
-    spectra = allocation.dense_spectra(path, input_ids, spec.device, spec.batch_size, spec.trust_remote_code,
-                                       spec.progress, offload=spec.offload, solve_dtype=spec.solve_dtype,
-                                       compute_dtype=spec.compute_dtype,
-                                       max_memory=spec.max_memory)
-    return allocation.waterfill(spectra, {k: v for b in block_shapes for k, v in b.items()}, spec.ratio)
+        return allocation.last_layers(allocation.model_shapes(source), spec.ratio, spec.last_layers)
+    return allocation.waterfill_from_model(path, source, input_ids, spec.ratio, device=spec.device,
+                                           batch_size=spec.batch_size, trust_remote_code=spec.trust_remote_code,
+                                           progress=spec.progress, offload=spec.offload, solve_dtype=spec.solve_dtype,
+                                           compute_dtype=spec.compute_dtype, max_memory=spec.max_memory)
 
 
 def _compressible_parameters(model) -> int:
