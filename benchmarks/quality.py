@@ -35,9 +35,10 @@ DEFAULT_METHODS = "svd,asvd,fwsvd,svd-llm,shift-aware,aa-svd,aa-svd+refine,erc-s
 MODIFIERS = ("refine", "waterfill")
 
 
-def parse_method(spec: str) -> tuple[str, str, bool, str]:
-    """(method, β search, refine, rank allocation): 'saes:fixed' → ('saes', 'fixed', False, 'uniform');
-    'aa-svd+refine+waterfill' → ('aa-svd', 'exact', True, 'waterfill'); a preset ('best') expands to its options."""
+def parse_method(spec: str) -> tuple[str, str, bool, str, dict]:
+    """(method, β search, refine, rank allocation, refinement settings): 'saes:fixed' → ('saes', 'fixed', False,
+    'uniform', {}); 'aa-svd+refine+waterfill' → ('aa-svd', 'exact', True, 'waterfill', {}); a preset ('best')
+    expands to its options."""
     from lowrank_engine import job
 
     base, *modifiers = spec.split("+")
@@ -46,10 +47,12 @@ def parse_method(spec: str) -> tuple[str, str, bool, str]:
             raise ValueError(f"unknown modifier +{modifier} in {spec}; choose from {', '.join(MODIFIERS)}")
     method, _, search = base.partition(":")
     refine, alloc = "refine" in modifiers, "waterfill" if "waterfill" in modifiers else "uniform"
+    options = {}
     if method in job.PRESETS:
         preset = job.PRESETS[method]
         method, refine, alloc = preset["method"], refine or preset["refine"], preset["rank_alloc"]
-    return method, search or "exact", refine, alloc
+        options = dict(preset.get("refine_options", {}))
+    return method, search or "exact", refine, alloc, options
 
 
 def device_name() -> str:
@@ -69,7 +72,7 @@ def run_one(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    method, search, refine, alloc = parse_method(args.one)
+    method, search, refine, alloc, refine_options = parse_method(args.one)
     path = models.resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = {"wikitext2": data.evaluation_windows("wikitext2", tokenizer, args.wikitext_windows, args.eval_seqlen),
@@ -77,6 +80,8 @@ def run_one(args) -> dict:
     record = {"method": args.one, "ratio": args.ratio, "protocol": args.protocol, "device": device_name(),
               "calibration": f"c4 {args.nsamples}x{args.seqlen} seed {args.seed}",
               "threads": torch.get_num_threads(), "refine_passes": args.refine_passes if refine else None}
+    if refine_options:
+        record["refine_settings"] = refine_options
     # memory runs write each block to disk and drop it, as `lowrank-engine compress` does
     streaming = args.protocol == "memory"
     source = pipeline.LazyBlockSource(path, keep_compressed=not streaming)
@@ -95,7 +100,7 @@ def run_one(args) -> dict:
             rank_map = allocation.waterfill_from_model(path, source, calib.input_ids, args.ratio, device=args.device,
                                                        batch_size=args.batch_size, progress=not args.quiet)
         cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, rank_map=rank_map, beta_search=search,
-                                         refine=refine, refine_passes=args.refine_passes,
+                                         refine=refine, **{"refine_passes": args.refine_passes, **refine_options},
                                          batch_size=args.batch_size, device=args.device)
         with tempfile.TemporaryDirectory() as work_dir:
             compressor = pipeline.Compressor(source, cfg, work_dir=work_dir if streaming else None,
@@ -277,7 +282,7 @@ def main(argv=None):
             json.dump(record, f)
         return
     if args.quick:
-        args.methods, args.ratios = "svd-llm,saes,aa-svd+refine", "0.4"
+        args.methods, args.ratios = "svd-llm,saes,aa-svd+refine,best", "0.4"
         args.nsamples, args.seqlen, args.wikitext_windows, args.c4_windows = 8, 128, 4, 4
         args.protocol = "smollm2-cpu-quick"
     args.out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")

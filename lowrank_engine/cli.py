@@ -55,14 +55,19 @@ def _add_compress(sub):
     p.add_argument("--refine", action="store_true",
                    help="AA-SVD stage 2 after any method: tune each block's factors and norms to match the dense "
                         "block's output (AdamW, warm-up then cosine decay, gradient clipping)")
-    p.add_argument("--refine-passes", type=int, default=25, help="passes over the calibration set per block")
-    p.add_argument("--refine-lr", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--refine-weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--refine-warmup", type=float, default=0.1, help="fraction of steps with linear warm-up")
-    p.add_argument("--refine-final-lr", type=float, default=0.1, help="final learning rate as a fraction of the peak")
-    p.add_argument("--refine-clip", type=float, default=1.0, help="gradient-norm clip")
+    # refinement settings default to None: the method's or preset's value, else the published one
+    p.add_argument("--refine-passes", type=int, default=None, help="passes over the calibration set per block (25)")
+    p.add_argument("--refine-lr", type=float, default=None, help="peak learning rate (1e-4)")
+    p.add_argument("--refine-weight-decay", type=float, default=None, help="AdamW weight decay (0.01)")
+    p.add_argument("--refine-warmup", type=float, default=None, help="fraction of steps with linear warm-up (0.1)")
+    p.add_argument("--refine-final-lr", type=float, default=None,
+                   help="final learning rate as a fraction of the peak (0.1)")
+    p.add_argument("--refine-clip", type=float, default=None, help="gradient-norm clip (1.0)")
     p.add_argument("--refine-tokens", type=int, default=None,
                    help="token budget per pass (default: every calibration token); keeps refinement cheap on a CPU")
+    p.add_argument("--refine-micro-batch", type=int, default=None,
+                   help="calibration windows per optimizer step (default: --batch-size); smaller takes more steps "
+                        "for the same compute")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
     p.add_argument("--offload", default="none", nargs="?", const="cpu", choices=["none", "cpu", "disk"],
                    help="where the two activation streams live: on the compute device, in pinned CPU memory, "
@@ -134,11 +139,12 @@ def cmd_compress(args) -> int:
                        beta_search=args.beta_search, device=args.device, offload=args.offload,
                        batch_size=args.batch_size, max_memory=args.max_memory,
                        residual_split=args.residual_split, residual_stage2=args.residual_stage2,
-                       solve_dtype=args.solve_dtype, compute_dtype=args.compute_dtype, refine=dict(
+                       solve_dtype=args.solve_dtype, compute_dtype=args.compute_dtype, refine={k: v for k, v in dict(
                            refine=args.refine, refine_passes=args.refine_passes, refine_lr=args.refine_lr,
                            refine_weight_decay=args.refine_weight_decay, refine_warmup=args.refine_warmup,
                            refine_final_lr_ratio=args.refine_final_lr, refine_clip=args.refine_clip,
-                           refine_tokens=args.refine_tokens),
+                           refine_tokens=args.refine_tokens, refine_micro_batch=args.refine_micro_batch).items()
+                           if v is not None},
                        output=args.output, resume=args.resume, save=not args.no_save,
                        eval_sets=_eval_sets(args.eval_sets), eval_windows=_windows(args.eval_windows),
                        eval_seqlen=args.eval_seqlen, fidelity_samples=args.fidelity_samples,

@@ -60,11 +60,13 @@ class CompressionConfig:
     refine_final_lr_ratio: float = 0.1
     refine_clip: float = 1.0
     refine_tokens: Optional[int] = None  # per pass; None: every calibration token
+    refine_micro_batch: Optional[int] = None  # windows per optimizer step; None: the stream batch
 
     def refine_config(self) -> refine.RefineConfig:
         return refine.RefineConfig(passes=self.refine_passes, lr=self.refine_lr, weight_decay=self.refine_weight_decay,
                                    warmup=self.refine_warmup, final_lr_ratio=self.refine_final_lr_ratio,
-                                   clip=self.refine_clip, max_tokens=self.refine_tokens)
+                                   clip=self.refine_clip, max_tokens=self.refine_tokens,
+                                   micro_batch=self.refine_micro_batch)
 
     def fingerprint(self) -> str:
         relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "offload", "batch_size", "track_error",

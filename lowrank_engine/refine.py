@@ -27,9 +27,11 @@ class RefineConfig:
     final_lr_ratio: float = 0.1
     clip: float = 1.0
     max_tokens: Optional[int] = None  # per pass: use only the first batches up to this many tokens
+    micro_batch: Optional[int] = None  # windows per optimizer step; None: one step per stream batch
 
     def validate(self) -> None:
-        if self.passes < 0 or self.lr <= 0 or not 0 <= self.warmup < 1 or self.clip <= 0:
+        if (self.passes < 0 or self.lr <= 0 or not 0 <= self.warmup < 1 or self.clip <= 0
+                or (self.micro_batch is not None and self.micro_batch < 1)):
             raise ValueError(f"bad refinement settings: {self}")
 
 
@@ -54,6 +56,18 @@ def _float_kwargs(kwargs: dict) -> dict:
             return type(v)(cast(x) for x in v)
         return v
     return {k: cast(v) for k, v in kwargs.items()}
+
+
+def slice_batch(kwargs: dict, part: slice, batch: int) -> dict:
+    """The keyword arguments of a slice of the batch's windows: per-window tensors (leading dim = batch)
+    are cut, broadcast ones (leading dim 1) and cache positions are shared."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == batch and batch > 1:
+            return v[part]
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(x) for x in v)
+        return v
+    return {k: v if k == "cache_position" else cut(v) for k, v in kwargs.items()}
 
 
 @torch.no_grad()
@@ -90,9 +104,12 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
         tokens += inputs[b].shape[0] * inputs[b].shape[1]
     # every rank takes the same number of steps on its own windows; gradients are averaged
     batches = batches[:int(-distributed.all_reduce_max(-float(len(batches))))]
+    # (batch, window slice) per optimizer step: smaller steps give more updates for the same FLOPs
+    steps = [(b, slice(None)) if cfg.micro_batch is None else (b, slice(s, s + cfg.micro_batch))
+             for b in batches for s in range(0, inputs[b].shape[0] if cfg.micro_batch else 1, cfg.micro_batch or 1)]
     params = trainable_parameters(block)
     factorized = any(isinstance(m, LowRankLinear) for m in block.modules())
-    if not factorized or not batches or cfg.passes == 0:  # a block kept dense is not tuned
+    if not factorized or not steps or cfg.passes == 0:  # a block kept dense is not tuned
         return {"first_loss": float("nan"), "last_loss": float("nan"), "steps": 0}
     # fp32 for the optimizer state and updates, even in a bf16 block; every tensor gets its dtype back
     param_state = {n: (p.dtype, p.requires_grad) for n, p in block.named_parameters()}
@@ -103,17 +120,18 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.passes * len(batches)
+    total = cfg.passes * len(steps)
     losses = []
     step = 0
     with torch.enable_grad():
         for _ in range(cfg.passes):
             pass_loss = 0.0
-            for b in batches:
+            for b, part in steps:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total, cfg)
-                out = run_block(block, inputs[b].to(device).float(), _float_kwargs(kwargs[b]), device)
-                loss = torch.nn.functional.mse_loss(out, targets[b].to(device).float())
+                x = inputs[b][part].to(device).float()
+                out = run_block(block, x, _float_kwargs(slice_batch(kwargs[b], part, inputs[b].shape[0])), device)
+                loss = torch.nn.functional.mse_loss(out, targets[b][part].to(device).float())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if distributed.active():
@@ -126,7 +144,7 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
                 optimizer.step()
                 pass_loss += float(loss.detach())
                 step += 1
-            losses.append(pass_loss / len(batches))
+            losses.append(pass_loss / len(steps))
     for name, p in block.named_parameters():
         dtype, flag = param_state[name]
         p.grad = None

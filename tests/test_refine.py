@@ -86,3 +86,42 @@ def test_balancing_keeps_the_product_and_equalizes_the_factors():
     refine.balance_factors(torch.nn.Sequential(layer))
     torch.testing.assert_close(layer.dense_weight(), before)
     torch.testing.assert_close(layer.U.norm(dim=0), layer.V.norm(dim=0))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_slice_of_the_batch_runs_like_the_same_windows_of_the_whole_batch(kind):
+    model = tiny_model(kind, layers=1)
+    ids = _ids(n=3, t=17, seed=3)
+    ids[0, :5] = 0  # padding-like tokens: the per-window masks and positions must follow their windows
+    hidden = []
+    kwargs = pipeline.capture_block_inputs(model, model.model.layers, ids, 3, "cpu", hidden)
+    block = model.model.layers[0]
+    whole = pipeline.run_block(block, hidden[0], kwargs[0], "cpu")
+    for part in (slice(0, 1), slice(1, 3), slice(2, 3)):
+        piece = pipeline.run_block(block, hidden[0][part], refine.slice_batch(kwargs[0], part, 3), "cpu")
+        torch.testing.assert_close(piece, whole[part], rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_take_one_step_per_slice_and_lower_the_error():
+    ids = _ids(n=5)  # batches of 2, 2, 1 windows
+    base = dict(method="aa-svd", ratio=0.5, batch_size=2, refine=True, refine_passes=3, refine_lr=3e-4)
+    whole, micro = tiny_model("llama", layers=2), tiny_model("llama", layers=2)
+    a = pipeline.compress_model(whole, ids, pipeline.CompressionConfig(**base), progress=False)
+    b = pipeline.compress_model(micro, ids, pipeline.CompressionConfig(**base, refine_micro_batch=1), progress=False)
+    assert [blk.refine["steps"] for blk in a.blocks] == [3 * 3] * 2
+    assert [blk.refine["steps"] for blk in b.blocks] == [3 * 5] * 2
+    for blk in b.blocks:
+        assert blk.refine["last_loss"] < blk.refine["first_loss"]
+    with pytest.raises(ValueError, match="refinement"):
+        pipeline.compress_model(tiny_model(), ids, pipeline.CompressionConfig(refine=True, refine_micro_batch=0),
+                                progress=False)
+
+
+def test_slice_batch_cuts_per_window_tensors_and_shares_broadcast_ones():
+    mask, pos = torch.randn(3, 1, 3, 3), torch.arange(9).view(3, 3)
+    cos = torch.randn(1, 3, 4)
+    kw = refine.slice_batch({"attention_mask": mask, "position_ids": pos, "position_embeddings": (cos, cos + 1),
+                             "cache_position": torch.arange(3), "flag": True}, slice(1, 3), 3)
+    assert torch.equal(kw["attention_mask"], mask[1:]) and torch.equal(kw["position_ids"], pos[1:])
+    assert kw["position_embeddings"][0] is cos and torch.equal(kw["cache_position"], torch.arange(3))
+    assert kw["flag"] is True
