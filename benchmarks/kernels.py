@@ -163,9 +163,9 @@ def bench_lowrank(models, ratios, tokens, on_gpu, dev, peak_gbps):
                     err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
                     decode = M <= DECODE_MAX_M
                     fns = {
-                        "lowrank": lambda: kernels.lowrank_forward(x, V, U, None),
-                        "dense": lambda: F.linear(x, W),
-                        "two_gemm": lambda: torch.matmul(torch.matmul(x, V), U.T),
+                        "lowrank": lambda x=x, V=V, U=U: kernels.lowrank_forward(x, V, U, None),
+                        "dense": lambda x=x, W=W: F.linear(x, W),
+                        "two_gemm": lambda x=x, V=V, U=U: torch.matmul(torch.matmul(x, V), U.T),
                     }
                     if on_gpu:
                         t = {name: time_gpu(fn, graph=decode) for name, fn in fns.items()}

@@ -202,8 +202,10 @@ def write_outputs(args, records: list) -> None:
           "", format_table(flat, columns, markdown=True), ""]
     with open(os.path.join(args.out_dir, "quality.md"), "w") as f:
         f.write("\n".join(md))
-    series = {r["method"]: r["layer_errors"] for r in records
-              if r.get("layer_errors") and abs(r["ratio"] - args.plot_ratio) < 1e-9}
+    wanted = args.plot_methods.split(",")
+    series = {r["method"]: r["layer_errors"] for r in sorted(records, key=lambda r: wanted.index(r["method"])
+                                                               if r["method"] in wanted else len(wanted))
+              if r.get("layer_errors") and abs(r["ratio"] - args.plot_ratio) < 1e-9 and r["method"] in wanted}
     if series:
         plot_layer_errors(series, os.path.join(args.out_dir, "quality_layer_error.png"),
                           title=f"per-block output error vs dense, ratio {args.plot_ratio} ({args.protocol})")
@@ -267,6 +269,8 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None, help="default benchmarks/results (benchmarks/results/quick with --quick)")
     p.add_argument("--runs-dir", default=None, help="cache of finished configurations (resumable)")
     p.add_argument("--plot-ratio", type=float, default=0.4)
+    p.add_argument("--plot-methods", default="svd,svd-llm,shift-aware,aa-svd,erc-svd,saes,aa-svd+refine,best",
+                   help="the per-block error plot's curves (rows at --plot-ratio)")
     p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation: a smoke test")
     p.add_argument("--memory", action="store_true", help="the peak-RSS comparison instead of the quality table")
     p.add_argument("--skip-dense", action="store_true", help="do not (re)run the dense row")

@@ -63,11 +63,12 @@ class JobSpec:
 # barely moves the factors in a few passes. On the first 5 SmolLM2 blocks at ratio 0.4 (64×512 C4,
 # 3 passes) the last block's relative output error was 0.0805 (published settings), 0.0734 (per-window
 # steps), 0.0639 (lr 3e-4), 0.0579 (lr 1e-3), 0.0568 (lr 3e-3); SAES as the starting point gave 0.0581
-# for a costlier solve. Water-filled ranks were measured worse at ratio 0.4 (551.5 / 269.6 against
+# for a costlier solve. Three passes of per-window steps are 192 steps on 64 windows, about the
+# published 25 passes of 8-window batches (200 steps), at an eighth of the compute. Water-filled ranks were measured worse at ratio 0.4 (551.5 / 269.6 against
 # 447.1 / 222.2 uniform), so ranks stay uniform (benchmarks/results/quality.md).
 PRESETS = {
     "best": {"method": "aa-svd", "rank_alloc": "uniform", "refine": True,
-             "refine_options": {"refine_micro_batch": 1, "refine_lr": 1e-3}},
+             "refine_options": {"refine_passes": 3, "refine_micro_batch": 1, "refine_lr": 1e-3}},
 }
 
 

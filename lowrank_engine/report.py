@@ -50,7 +50,7 @@ def plot_layer_errors(series: dict, path: str, title: str = "per-block output er
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for label, values in series.items():
         blocks = range(len(values))
         axes[0].plot(blocks, [v[0] for v in values], marker=".", label=label)
@@ -59,9 +59,11 @@ def plot_layer_errors(series: dict, path: str, title: str = "per-block output er
     axes[1].set(title="cosine distance 1−cos(X, X')", xlabel="block", yscale="log")
     for ax in axes:
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    # one legend below both panels: inside, it hides the curves
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -200,8 +200,8 @@ def test_best_preset_composes_anchoring_and_refinement(tiny_checkpoint, tmp_path
 def test_a_preset_fills_refinement_settings_the_job_leaves_unset():
     from lowrank_engine import job
 
-    spec = job.expand_preset(job.JobSpec(model="m", method="best", refine={"refine_lr": 5e-4, "refine_passes": 3}))
+    spec = job.expand_preset(job.JobSpec(model="m", method="best", refine={"refine_lr": 5e-4, "refine_passes": 7}))
     assert spec.method == "aa-svd" and spec.preset == "best"
-    assert spec.refine == {"refine": True, "refine_micro_batch": 1, "refine_lr": 5e-4, "refine_passes": 3}
+    assert spec.refine == {"refine": True, "refine_micro_batch": 1, "refine_lr": 5e-4, "refine_passes": 7}
     plain = job.expand_preset(job.JobSpec(model="m", method="aa-svd"))
     assert plain.refine == {} and plain.preset is None

@@ -1,0 +1,36 @@
+"""The quality benchmark's row names and its per-block error plot (the runs themselves live in benchmarks/)."""
+import importlib.util
+import os
+
+import pytest
+
+from lowrank_engine import job, report
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality", os.path.join(HERE, "..", "benchmarks", "quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_row_names_parse_into_method_search_refinement_and_allocation():
+    parse = _quality().parse_method
+    assert parse("saes:fixed") == ("saes", "fixed", False, "uniform", {})
+    assert parse("aa-svd+refine+waterfill") == ("aa-svd", "exact", True, "waterfill", {})
+    preset = job.PRESETS["best"]
+    assert parse("best") == (preset["method"], "exact", preset["refine"], preset["rank_alloc"],
+                             preset["refine_options"])
+    with pytest.raises(ValueError, match="unknown modifier"):
+        parse("svd-llm+finetune")
+
+
+def test_layer_error_plot_is_a_png(tmp_path):
+    series = {"svd-llm": [(0.1 * (i + 1), 0.01 * (i + 1)) for i in range(5)],
+              "best": [(0.05 * (i + 1), 0.005 * (i + 1)) for i in range(5)]}
+    path = report.plot_layer_errors(series, str(tmp_path / "sub" / "errors.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(path) > 10_000
