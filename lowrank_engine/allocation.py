@@ -8,7 +8,9 @@
   parameter solves the fractional relaxation exactly; with unequal costs m+n the integer result
   is within one rank unit per matrix of it.
 - `last_layers` (ResSVD): keep the first N−k blocks dense and compress the last k blocks at the
-  ratio that removes the same number of parameters in total.
+  ratio that removes the same number of parameters in total. `search_last_layers` picks k by the
+  calibration error: it compresses with a few feasible k on a slice of the calibration windows and
+  keeps the k whose last block output is closest to the dense model's.
 """
 from __future__ import annotations
 
@@ -73,6 +75,45 @@ def last_layers(block_shapes: list[dict[str, tuple[int, int]]], ratio: float, k:
     for b in block_shapes[N - k:]:
         ranks.update({name: solvers.rank_for_ratio(m, n, local) for name, (m, n) in b.items()})
     return ranks
+
+
+def feasible_last_layers(block_shapes: list[dict[str, tuple[int, int]]], ratio: float, count: int = 5) -> list[int]:
+    """Up to `count` values of k, evenly spread from the smallest k that can remove `ratio` to all N blocks."""
+    N = len(block_shapes)
+    total = sum(m * n for b in block_shapes for m, n in b.values())
+    tail, smallest = 0, None
+    for k in range(1, N + 1):
+        tail += sum(m * n for m, n in block_shapes[N - k].values())
+        if ratio * total / tail < 1.0:
+            smallest = k
+            break
+    if smallest is None:
+        raise ValueError(f"no number of last blocks can remove {ratio:.0%} of the parameters")
+    if count <= 1 or smallest == N:
+        return [N] if count <= 1 else [smallest]
+    step = (N - smallest) / (count - 1)
+    return sorted({round(smallest + i * step) for i in range(count)})
+
+
+def search_last_layers(path: str, input_ids: torch.Tensor, ratio: float, method: str,
+                       candidates: Optional[list[int]] = None, windows: int = 8, trust_remote_code: bool = False,
+                       progress: bool = True, **run_options) -> tuple[int, dict[int, float]]:
+    """The k of `last_layers` with the smallest calibration error: each candidate compresses the model
+    with `method` on the first `windows` calibration windows; the error is the relative MSE of the last
+    block's output against the dense model's (‖X'−X‖²/‖X‖²). Returns (k, {k: error})."""
+    from lowrank_engine import pipeline
+
+    errors: dict[int, float] = {}
+    for k in candidates or feasible_last_layers(model_shapes(pipeline.LazyBlockSource(path, trust_remote_code)),
+                                                ratio):
+        source = pipeline.LazyBlockSource(path, trust_remote_code, keep_compressed=False)
+        cfg = pipeline.CompressionConfig(method=method, ratio=None, track_error=True,
+                                         rank_map=last_layers(model_shapes(source), ratio, k), **run_options)
+        result = pipeline.Compressor(source, cfg, progress=False).run(input_ids[:windows])
+        errors[k] = result.blocks[-1].output_rel_mse
+        if progress:
+            print(f"[last-layers] k={k}: last-block relative error {errors[k]:.4g}", flush=True)
+    return min(errors, key=errors.get), errors
 
 
 def model_shapes(source) -> list[dict[str, tuple[int, int]]]:

@@ -36,10 +36,11 @@ def _add_compress(sub):
                         "for the modules it names")
     p.add_argument("--rank-alloc", default="uniform", choices=["uniform", "waterfill", "last-layers"],
                    help="how the ratio is spread: the same ratio per matrix; water-filling by the dense whitened "
-                        "spectra (one extra statistics pass); or ResSVD's last-layers rule (--last-layers K)")
+                        "spectra (one extra statistics pass); or ResSVD's last-layers rule (--last-layers K, or searched)")
     p.add_argument("--last-layers", type=int, default=None,
                    help="with --rank-alloc last-layers: compress only the last K blocks, harder, at the same "
-                        "overall ratio")
+                        "overall ratio; without it, K is searched: a few feasible K are tried on 8 calibration "
+                        "windows and the one with the smallest last-block error against the dense model wins")
     p.add_argument("--calibration", default="self",
                    help=f"'self' (text sampled from the model; no data set needed), one of {list(data.NAMED_SETS)} "
                         "(from $LOWRANK_ENGINE_DATA or the hub), or a .txt/.jsonl/.parquet file")

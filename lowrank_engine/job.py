@@ -27,7 +27,7 @@ class JobSpec:
     ratio: Optional[float] = 0.2
     rank_map: Optional[str] = None  # path to a JSON {module: rank or null (dense)}
     rank_alloc: str = "uniform"  # uniform | waterfill | last-layers
-    last_layers: Optional[int] = None  # last-layers: how many final blocks are compressed
+    last_layers: Optional[int] = None  # last-layers: how many final blocks are compressed (None: searched)
     calibration: str = "self"
     nsamples: int = 16
     seqlen: int = 256
@@ -109,7 +109,15 @@ def allocate_ranks(spec: JobSpec, path: str, source, input_ids) -> dict:
     from lowrank_engine import allocation
 
     if spec.rank_alloc == "last-layers":
-        return allocation.last_layers(allocation.model_shapes(source), spec.ratio, spec.last_layers)
+        k = spec.last_layers
+        if k is None:
+            k, errors = allocation.search_last_layers(
+                path, input_ids, spec.ratio, spec.method, trust_remote_code=spec.trust_remote_code,
+                progress=spec.progress, device=spec.device, batch_size=spec.batch_size, solve_dtype=spec.solve_dtype,
+                compute_dtype=spec.compute_dtype)
+            if spec.progress:
+                print(f"[last-layers] chose k={k} of {sorted(errors)}", flush=True)
+        return allocation.last_layers(allocation.model_shapes(source), spec.ratio, k)
     return allocation.waterfill_from_model(path, source, input_ids, spec.ratio, device=spec.device,
                                            batch_size=spec.batch_size, trust_remote_code=spec.trust_remote_code,
                                            progress=spec.progress, offload=spec.offload, solve_dtype=spec.solve_dtype,
@@ -131,8 +139,8 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError(f"--rank-alloc {spec.rank_alloc} distributes a --ratio; give one")
     if spec.last_layers and spec.rank_alloc != "last-layers":
         raise ValueError("--last-layers K only applies with --rank-alloc last-layers")
-    if spec.rank_alloc == "last-layers" and not spec.last_layers:
-        raise ValueError("--rank-alloc last-layers needs --last-layers K (how many final blocks to compress)")
+    if spec.last_layers is not None and spec.last_layers < 1:
+        raise ValueError(f"--last-layers K must be at least 1, got {spec.last_layers}")
     if spec.ratio is not None and not 0.0 < spec.ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {spec.ratio}")
     for name in spec.eval_sets:

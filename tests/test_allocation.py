@@ -60,3 +60,28 @@ def test_last_layers_keeps_the_first_blocks_dense_and_meets_the_ratio():
                             progress=False)
     assert all(not isinstance(m, LowRankLinear) for m in block_linears(blocks[0]).values())
     assert all(isinstance(m, LowRankLinear) for m in block_linears(blocks[3]).values())
+
+
+def test_feasible_last_layers_spread_from_the_smallest_k_to_every_block():
+    block_shapes = [{f"b{i}.w": (8, 8)} for i in range(10)]
+    assert allocation.feasible_last_layers(block_shapes, 0.25, count=4) == [3, 5, 8, 10]  # 2 blocks cannot remove 25%
+    assert allocation.feasible_last_layers(block_shapes, 0.95, count=3) == [10]
+    assert allocation.feasible_last_layers(block_shapes, 0.25, count=1) == [10]
+
+
+def test_last_layers_search_keeps_the_k_with_the_smallest_calibration_error(tmp_path):
+    model = tiny_model("llama", layers=4, seed=2)
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(1))
+    k, errors = allocation.search_last_layers(str(tmp_path / "m"), ids, 0.3, "svd-llm", windows=4, progress=False,
+                                              batch_size=2)
+    assert sorted(errors) == allocation.feasible_last_layers(
+        allocation.model_shapes(pipeline.LazyBlockSource(str(tmp_path / "m"))), 0.3)
+    assert k == min(errors, key=errors.get) and all(e > 0 for e in errors.values())
+    # each error is the one a direct run with that k reports
+    some = max(errors)
+    direct = pipeline.LazyBlockSource(str(tmp_path / "m"))
+    ranks = allocation.last_layers(allocation.model_shapes(direct), 0.3, some)
+    result = pipeline.Compressor(direct, pipeline.CompressionConfig(method="svd-llm", ratio=None, rank_map=ranks,
+                                                                    batch_size=2), progress=False).run(ids[:4])
+    assert result.blocks[-1].output_rel_mse == pytest.approx(errors[some], rel=1e-5)

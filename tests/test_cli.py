@@ -156,7 +156,8 @@ def test_info(capsys):
     assert "whitening:" in text and "triton" in text
 
 
-@pytest.mark.parametrize("alloc", [["--rank-alloc", "waterfill"], ["--rank-alloc", "last-layers", "--last-layers", 1]])
+@pytest.mark.parametrize("alloc", [["--rank-alloc", "waterfill"], ["--rank-alloc", "last-layers", "--last-layers", 1],
+                                   ["--rank-alloc", "last-layers"]])
 def test_rank_allocations_meet_the_ratio(tiny_checkpoint, tmp_path, alloc):
     out = tmp_path / "out"
     assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "svd-llm", "--ratio", 0.2, "--fidelity-samples",
@@ -164,8 +165,11 @@ def test_rank_allocations_meet_the_ratio(tiny_checkpoint, tmp_path, alloc):
     record = json.loads((tmp_path / "r.json").read_text())[0]
     assert record["compressible_reduction"] == pytest.approx(0.2, abs=0.03)
     _, cfg = checkpoint.load(str(out))
-    if "last-layers" in alloc:  # block 0 stays dense: no ranks recorded for it
-        assert not any(".layers.0." in name for name in cfg["ranks"])
+    if "last-layers" in alloc:  # compressed blocks are a suffix (K=1: block 0 stays dense, no ranks for it)
+        compressed = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in cfg["ranks"]})
+        assert compressed == list(range(2 - len(compressed), 2))
+        if "--last-layers" in alloc:
+            assert compressed == [1]
     else:
         assert len(set(cfg["ranks"].values())) > 2  # not uniform
 
