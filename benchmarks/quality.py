@@ -198,8 +198,12 @@ def write_outputs(args, records: list) -> None:
           f"WikiText-2 {args.wikitext_windows} and C4 {args.c4_windows} windows of {args.eval_seqlen} tokens. "
           f"Ratio = fraction of compressible-linear parameters removed. Device: {device}. "
           f"Dense reference (DESIGN §4): {DENSE_REFERENCE['wikitext2_ppl']} / {DENSE_REFERENCE['c4_ppl']}. "
-          "peer_* columns: the published AA-SVD code on the same protocol. saes:fixed = ACES fixed-subspace β.",
+          "peer_* columns: the published AA-SVD code on the same protocol. saes:fixed = ACES fixed-subspace β. "
+          "best = the `best` preset (aa-svd, then refinement with one step per window at lr 1e-3).",
           "", format_table(flat, columns, markdown=True), ""]
+    notes = [f"- {r['method']} {r['ratio']}: {r['note']}" for r in records if r.get("note")]
+    if notes:
+        md += ["Notes:", *notes, ""]
     with open(os.path.join(args.out_dir, "quality.md"), "w") as f:
         f.write("\n".join(md))
     wanted = args.plot_methods.split(",")
