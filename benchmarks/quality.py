@@ -291,7 +291,9 @@ def main(argv=None):
         return
     if args.quick:
         args.methods, args.ratios = "svd-llm,saes,aa-svd+refine,best", "0.4"
+        # evaluated at the calibration length: refinement never sees positions past its windows
         args.nsamples, args.seqlen, args.wikitext_windows, args.c4_windows = 8, 128, 4, 4
+        args.eval_seqlen = args.seqlen
         args.protocol = "smollm2-cpu-quick"
     args.out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")
     if args.quick and not args.runs_dir:  # a smoke test always runs: no cache from an earlier invocation

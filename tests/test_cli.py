@@ -209,3 +209,12 @@ def test_a_preset_fills_refinement_settings_the_job_leaves_unset():
     assert spec.refine == {"refine": True, "refine_micro_batch": 1, "refine_lr": 5e-4, "refine_passes": 7}
     plain = job.expand_preset(job.JobSpec(model="m", method="aa-svd"))
     assert plain.refine == {} and plain.preset is None
+
+
+def test_refining_on_windows_shorter_than_the_evaluation_warns():
+    from lowrank_engine import job
+
+    short = job.expand_preset(job.JobSpec(model="m", method="best", seqlen=128, eval_seqlen=512))
+    assert "128-token" in job.short_context_warning(short)
+    assert job.short_context_warning(job.expand_preset(job.JobSpec(model="m", method="best", seqlen=512))) is None
+    assert job.short_context_warning(job.JobSpec(model="m", method="aa-svd", seqlen=128)) is None
