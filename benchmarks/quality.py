@@ -291,7 +291,7 @@ def main(argv=None):
         return
     if args.quick:
         args.methods, args.ratios = "svd-llm,saes,aa-svd+refine,best", "0.4"
-        # evaluated at the calibration length: refinement never sees positions past its windows
+        # evaluated at the calibration length; refinement overfits this little data (a smoke test only)
         args.nsamples, args.seqlen, args.wikitext_windows, args.c4_windows = 8, 128, 4, 4
         args.eval_seqlen = args.seqlen
         args.protocol = "smollm2-cpu-quick"

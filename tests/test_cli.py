@@ -211,10 +211,13 @@ def test_a_preset_fills_refinement_settings_the_job_leaves_unset():
     assert plain.refine == {} and plain.preset is None
 
 
-def test_refining_on_windows_shorter_than_the_evaluation_warns():
+def test_refining_on_a_small_or_short_calibration_set_warns():
     from lowrank_engine import job
 
-    short = job.expand_preset(job.JobSpec(model="m", method="best", seqlen=128, eval_seqlen=512))
-    assert "128-token" in job.short_context_warning(short)
-    assert job.short_context_warning(job.expand_preset(job.JobSpec(model="m", method="best", seqlen=512))) is None
-    assert job.short_context_warning(job.JobSpec(model="m", method="aa-svd", seqlen=128)) is None
+    def warning(**kw):
+        return job.refinement_warning(job.expand_preset(job.JobSpec(model="m", **kw)))
+
+    assert "128-token windows" in warning(method="best", nsamples=256, seqlen=128, eval_seqlen=512)
+    assert "8×512 calibration tokens" in warning(method="best", nsamples=8, seqlen=512)
+    assert warning(method="best", nsamples=64, seqlen=512) is None
+    assert warning(method="aa-svd", nsamples=8, seqlen=128) is None
