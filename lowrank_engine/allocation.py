@@ -58,6 +58,12 @@ def waterfill(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int
     return ranks
 
 
+def _tail_ratio(block_shapes: list[dict[str, tuple[int, int]]], ratio: float, k: int) -> float:
+    """The ratio the last k blocks must lose for the whole model to lose `ratio`."""
+    total = sum(m * n for b in block_shapes for m, n in b.values())
+    return ratio * total / sum(m * n for b in block_shapes[len(block_shapes) - k:] for m, n in b.values())
+
+
 def last_layers(block_shapes: list[dict[str, tuple[int, int]]], ratio: float, k: int) -> dict[str, Optional[int]]:
     """First N−k blocks dense, the last k at the ratio removing `ratio` of all compressible parameters.
 
@@ -65,9 +71,7 @@ def last_layers(block_shapes: list[dict[str, tuple[int, int]]], ratio: float, k:
     N = len(block_shapes)
     if not 1 <= k <= N:
         raise ValueError(f"last-layers k must be in [1, {N}], got {k}")
-    total = sum(m * n for b in block_shapes for m, n in b.values())
-    tail = sum(m * n for b in block_shapes[N - k:] for m, n in b.values())
-    local = ratio * total / tail
+    local = _tail_ratio(block_shapes, ratio, k)
     if local >= 1.0:
         raise ValueError(f"compressing only the last {k} of {N} blocks cannot remove {ratio:.0%} of the parameters "
                          f"(it would take {local:.0%} of theirs); use a larger k (> {math.ceil(N * ratio)})")
@@ -80,13 +84,7 @@ def last_layers(block_shapes: list[dict[str, tuple[int, int]]], ratio: float, k:
 def feasible_last_layers(block_shapes: list[dict[str, tuple[int, int]]], ratio: float, count: int = 5) -> list[int]:
     """Up to `count` values of k, evenly spread from the smallest k that can remove `ratio` to all N blocks."""
     N = len(block_shapes)
-    total = sum(m * n for b in block_shapes for m, n in b.values())
-    tail, smallest = 0, None
-    for k in range(1, N + 1):
-        tail += sum(m * n for m, n in block_shapes[N - k].values())
-        if ratio * total / tail < 1.0:
-            smallest = k
-            break
+    smallest = next((k for k in range(1, N + 1) if _tail_ratio(block_shapes, ratio, k) < 1.0), None)
     if smallest is None:
         raise ValueError(f"no number of last blocks can remove {ratio:.0%} of the parameters")
     if count <= 1 or smallest == N:
@@ -103,12 +101,12 @@ def search_last_layers(path: str, input_ids: torch.Tensor, ratio: float, method:
     block's output against the dense model's (‖X'−X‖²/‖X‖²). Returns (k, {k: error})."""
     from lowrank_engine import pipeline
 
+    shapes = model_shapes(pipeline.LazyBlockSource(path, trust_remote_code))
     errors: dict[int, float] = {}
-    for k in candidates or feasible_last_layers(model_shapes(pipeline.LazyBlockSource(path, trust_remote_code)),
-                                                ratio):
+    for k in candidates or feasible_last_layers(shapes, ratio):
         source = pipeline.LazyBlockSource(path, trust_remote_code, keep_compressed=False)
         cfg = pipeline.CompressionConfig(method=method, ratio=None, track_error=True,
-                                         rank_map=last_layers(model_shapes(source), ratio, k), **run_options)
+                                         rank_map=last_layers(shapes, ratio, k), **run_options)
         result = pipeline.Compressor(source, cfg, progress=False).run(input_ids[:windows])
         errors[k] = result.blocks[-1].output_rel_mse
         if progress:

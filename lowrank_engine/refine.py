@@ -105,8 +105,8 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
     # every rank takes the same number of steps on its own windows; gradients are averaged
     batches = batches[:int(-distributed.all_reduce_max(-float(len(batches))))]
     # (batch, window slice) per optimizer step: smaller steps give more updates for the same FLOPs
-    steps = [(b, slice(None)) if cfg.micro_batch is None else (b, slice(s, s + cfg.micro_batch))
-             for b in batches for s in range(0, inputs[b].shape[0] if cfg.micro_batch else 1, cfg.micro_batch or 1)]
+    steps = [(b, slice(s, s + (cfg.micro_batch or inputs[b].shape[0])))
+             for b in batches for s in range(0, inputs[b].shape[0], cfg.micro_batch or inputs[b].shape[0])]
     params = trainable_parameters(block)
     factorized = any(isinstance(m, LowRankLinear) for m in block.modules())
     if not factorized or not steps or cfg.passes == 0:  # a block kept dense is not tuned
