@@ -131,6 +131,8 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
         plan.add(compute, "refinement (fp32 block, grads, AdamW, autograd)",
                  block_bytes * (4 / stored_bytes) * 4 + 2 * (batch_tokens * (4 * widest + 8 * hidden) * 4 + 2 * attention))
     streams = 4 if (two_stream or track_error or refine) else 2  # X, X' and their successors during propagation
+    if two_stream and hold is not None:  # SettledOutputs: one replayed child output (attention) per token
+        streams += 1
     stream_bytes = streams * tokens * hidden * act_bytes
     group_inputs = tokens * sum(n for n, _ in groups) * act_bytes if two_stream else 0
     if hold is None:  # on disk: one batch resident at a time

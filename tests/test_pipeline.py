@@ -1,4 +1,5 @@
 """The streaming pipeline on tiny LLaMA (GQA), Mistral and Qwen2 models."""
+import contextlib
 import os
 
 import pytest
@@ -212,3 +213,65 @@ def test_single_stream_without_error_tracking_gives_identical_factors():
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(ta, tb)
     assert ra.blocks[0].output_rel_mse > 0 and rb.blocks[0].output_rel_mse != rb.blocks[0].output_rel_mse  # NaN
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["aa-svd", "saes"])
+def test_settled_outputs_replay_changes_nothing_and_skips_attention(kind, method, monkeypatch):
+    """Replaying final children (attention once o_proj is installed) gives bit-identical factors and
+    error reports, and runs attention on X' twice per batch instead of four times."""
+    ids = _ids()
+    calls = {"replay": 0, "plain": 0}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def compress(label):
+        def counting_sdpa(*args, **kwargs):
+            calls[label] += 1
+            return sdpa(*args, **kwargs)
+
+        model = tiny_model(kind)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+        result = pipeline.compress_model(model, ids, pipeline.CompressionConfig(method=method, ratio=0.3,
+                                                                                batch_size=2), progress=False)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        return model, result
+
+    a, ra = compress("replay")
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.SettledOutputs, "replay", lambda self, batch, record=True: contextlib.nullcontext())
+        b, rb = compress("plain")
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(ta, tb), na
+    assert [r.output_rel_mse for r in ra.blocks] == [r.output_rel_mse for r in rb.blocks]
+    batches, blocks = 3, 2
+    # per block: discovery probes, the dense pass, then X' passes for o, gate/up, down and the X' output
+    assert calls["plain"] - calls["replay"] == 2 * batches * blocks
+
+
+def test_settled_outputs_off_when_linears_run_out_of_group_order():
+    """A block whose linears do not run once each in group order gets no replay (nothing is final early)."""
+    model = tiny_model("llama")
+    block = find_decoder_blocks(model)[1][0]
+    hidden = torch.randn(1, 6, 48)
+    kwargs = {"position_embeddings": model.model.rotary_emb(hidden, torch.arange(6)[None])}
+    groups = pipeline.discover_groups(block, hidden, kwargs, "cpu")
+    settled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups, "cpu")
+    assert set(settled.needed) == {"self_attn", "mlp"}
+    assert settled.needed == {"self_attn": 4, "mlp": 7}
+    shuffled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups[::-1], "cpu")
+    assert shuffled.needed == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_check_catches_nan_and_inf_but_not_large_sums(dtype):
+    x = torch.rand(3, 50, 41).to(dtype) + 1
+    pipeline._check_finite(x * 30000 if dtype == torch.float16 else x * 1e4, "ok")  # sums past fp16's range
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 7, 5] = bad
+        with pytest.raises(pipeline.ActivationError, match="NaN or Inf"):
+            pipeline._check_finite(y, "here")
+    y = x.clone()
+    y[0, 0, 0], y[2, 1, 1] = float("inf"), -float("inf")  # they cancel to NaN, still caught
+    with pytest.raises(pipeline.ActivationError):
+        pipeline._check_finite(y, "here")
