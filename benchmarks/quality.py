@@ -29,6 +29,7 @@ PEERS = {  # the published AA-SVD code on this protocol (WikiText-2 / C4)
     "aa-svd": {0.2: (301.2, 174.2), 0.4: (706.3, 333.6), 0.6: (1943.9, 834.1)},
     "aa-svd+refine": {0.4: (491.5, 250.6), 0.6: (1210.0, 606.7)},  # the peer's 3 refinement passes
 }
+PEER_SECONDS = {"svd-llm": {0.4: 64}, "aa-svd": {0.4: 251}, "aa-svd+refine": {0.4: 567}}  # compression wall time
 DEFAULT_METHODS = "svd,asvd,fwsvd,svd-llm,shift-aware,aa-svd,aa-svd+refine,erc-svd,saes,saes:fixed"
 
 
@@ -67,7 +68,7 @@ def device_name() -> str:
 # one configuration (runs in a child process)
 # --------------------------------------------------------------------------------------
 def run_one(args) -> dict:
-    from lowrank_engine import data, evaluation, models, pipeline  # first: it sets OMP_WAIT_POLICY before torch
+    from lowrank_engine import data, evaluation, models, pipeline  # first: it sets the OpenMP wait before torch
 
     import torch
     from transformers import AutoTokenizer
@@ -191,9 +192,10 @@ def write_outputs(args, records: list) -> None:
         peer = PEERS.get(r["method"], {}).get(r["ratio"]) if like_for_like else None
         if peer:
             flat[-1]["peer_wikitext2_ppl"], flat[-1]["peer_c4_ppl"] = peer
+            flat[-1]["peer_compress_seconds"] = PEER_SECONDS.get(r["method"], {}).get(r["ratio"])
     write_json(flat, os.path.join(args.out_dir, "quality.json"))
     columns = ("method", "ratio", "refine_passes", "wikitext2_ppl", "c4_ppl", "peer_wikitext2_ppl", "peer_c4_ppl",
-               "compress_seconds", "peak_rss_mb")
+               "compress_seconds", "peer_compress_seconds", "peak_rss_mb")
     table = format_table(flat, columns)
     print("\n" + table)
     device = flat[0]["device"] if flat else "?"

@@ -48,7 +48,7 @@ def device_name(device: str) -> str:
 # one configuration (child process)
 # --------------------------------------------------------------------------------------
 def run_one(args) -> dict:
-    from lowrank_engine import memory, models, pipeline  # first: sets OMP_WAIT_POLICY before torch
+    from lowrank_engine import memory, models, pipeline  # first: sets the OpenMP wait before torch
 
     import torch
 
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             json.dump(run_one(args), f)
         return 0
 
-    import lowrank_engine  # noqa: F401  (OMP_WAIT_POLICY before torch)
+    import lowrank_engine  # noqa: F401  (the OpenMP wait before torch)
     from lowrank_engine.report import format_table, write_json
 
     owned = None

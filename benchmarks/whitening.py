@@ -18,7 +18,7 @@ import os
 import platform
 import time
 
-from lowrank_engine import ops  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP
+from lowrank_engine import ops  # first: it sets the OpenMP wait (GOMP_SPINCOUNT) before torch loads OpenMP
 
 import torch
 

@@ -400,12 +400,12 @@ def _lowrank_setup_context(ctx, inputs, output):
 
 def _lowrank_backward(ctx, grad):
     x, V, U = ctx.saved_tensors
+    need_x, need_V, need_U, need_bias = ctx.needs_input_grad
     g_u = torch.matmul(grad, U)  # [..., k]
-    t = torch.matmul(x, V)  # [..., k]
-    grad_x = torch.matmul(g_u, V.T)
-    grad_V = _as_rows(x).T @ _as_rows(g_u)
-    grad_U = _as_rows(grad).T @ _as_rows(t)
-    grad_bias = _as_rows(grad).sum(0) if ctx.has_bias else None
+    grad_x = torch.matmul(g_u, V.T) if need_x else None
+    grad_V = _as_rows(x).T @ _as_rows(g_u) if need_V else None
+    grad_U = _as_rows(grad).T @ _as_rows(torch.matmul(x, V)) if need_U else None
+    grad_bias = _as_rows(grad).sum(0) if ctx.has_bias and need_bias else None
     return grad_x, grad_V, grad_U, grad_bias
 
 

@@ -445,7 +445,9 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
             raise ValueError(f"unknown beta search {beta_search!r}; choose one of {', '.join(BETA_SEARCHES)}")
         BL, CL = stats.B @ white.L_inv_T, stats.C @ white.L_inv_T  # n×n products shared by the group
     else:
-        ML = _combine(stats, ((coeffs.c, "A"), (coeffs.d, "C"), (coeffs.e, "B"))) @ white.L_inv_T
+        M = _combine(stats, ((coeffs.c, "A"), (coeffs.d, "C"), (coeffs.e, "B")))
+        # G = W·M·L⁻ᵀ: sharing M·L⁻ᵀ costs n³ + Σm·n², W·M first 2·Σm·n² (cheaper when Σm < n: down_proj)
+        ML = M @ white.L_inv_T if sum(W.shape[0] for W in Ws.values()) >= M.shape[0] else None
     out = {}
     for name, W in Ws.items():
         k = ranks[name]
@@ -457,9 +459,10 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
             f = factorize_whitened((G0 + beta * G1) * scale, white.L_inv_T * scale, k)
             f.beta = beta
         else:
+            G = W @ ML if ML is not None else (W @ M) @ white.L_inv_T
             if method.residual:
                 k1 = min(k, max(1, round(residual_split * k)))
-                f = factorize_whitened(W @ ML, white.L_inv_T, k1)
+                f = factorize_whitened(G, white.L_inv_T, k1)
                 if k > k1:
                     stage2 = get_method(residual_stage2).coefficients
                     if stage2 is None or not stage2.needs & {"B", "C"}:
@@ -469,6 +472,6 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
                         (white2,) = whiten_many([combine_metric(stage2, stats)], eps_rel)
                     f = solve_residual(W, f, stats, stage2, k - k1, eps_rel, white2)
             else:
-                f = factorize_whitened(W @ ML, white.L_inv_T, k)
+                f = factorize_whitened(G, white.L_inv_T, k)
         out[name] = f
     return out

@@ -270,3 +270,19 @@ def test_output_side_group_equals_whitened_group(monkeypatch):
     slow = solvers.solve_group(method, W, ranks, stats, eps_rel=1e-14)
     for name in W:
         torch.testing.assert_close(fast[name].U @ fast[name].V.T, slow[name].U @ slow[name].V.T, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("outs", [(5, 7), (13, 11)])  # Σm < n: W·M first; Σm ≥ n: M·L⁻ᵀ shared
+def test_group_product_order_reaches_the_same_optimum(outs):
+    n, k = 20, 4
+    X = torch.randn(300, n, dtype=torch.float64)
+    Xp = X + 0.3 * torch.randn(300, n, dtype=torch.float64)
+    stats = solvers.GroupStatistics(A=X.T @ X, B=Xp.T @ Xp, C=X.T @ Xp)
+    Ws = {f"w{i}": torch.randn(m, n, dtype=torch.float64) for i, m in enumerate(outs)}
+    got = solvers.solve_group(solvers.get_method("aa-svd"), Ws, {name: k for name in Ws}, stats, eps_rel=1e-12)
+    for name, W in Ws.items():
+        ref = solvers.solve(W, stats.B, W @ stats.C, k, eps_rel=1e-12)
+        torch.testing.assert_close(got[name].sigma, ref.sigma, rtol=1e-9, atol=1e-9)
+        P = W @ stats.C
+        optimum = -float((ref.sigma[:k] ** 2).sum())
+        assert float(solvers.objective(got[name].U @ got[name].V.T, stats.B, P)) == pytest.approx(optimum, rel=1e-9)
