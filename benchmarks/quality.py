@@ -6,7 +6,7 @@ Every configuration runs in its own process, so its peak RSS is its own. Finishe
 configurations are cached in --runs-dir, so an interrupted benchmark resumes.
 
     python benchmarks/quality.py                       # the full table
-    python benchmarks/quality.py --quick               # a few minutes on 2 cores (CI smoke test)
+    python benchmarks/quality.py --quick               # minutes on 2 cores: 8 of 30 blocks (CI smoke test)
     python benchmarks/quality.py --memory              # peak RSS: SmolLM2 vs a 4x deeper random model
 
 Writes quality.md, quality.json and quality_layer_error.png to --out-dir.
@@ -34,6 +34,27 @@ DEFAULT_METHODS = "svd,asvd,fwsvd,svd-llm,shift-aware,aa-svd,aa-svd+refine,erc-s
 
 
 MODIFIERS = ("refine", "waterfill")
+QUICK_BLOCKS = 8  # --quick keeps SmolLM2's first 8 blocks: the per-linear solves, not the tokens, set its time
+
+
+def truncated_checkpoint(spec: str, blocks: int, directory: str) -> str:
+    """A copy of `spec` with only its first `blocks` decoder blocks, saved to `directory`."""
+    import torch
+
+    from lowrank_engine import models
+
+    model, tokenizer = models.load_model(spec)
+    name, layers = models.find_decoder_blocks(model)
+    if not 0 < blocks <= len(layers):
+        raise SystemExit(f"--blocks must be in 1..{len(layers)}, got {blocks}")
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, torch.nn.ModuleList(layers[:blocks]))
+    model.config.num_hidden_layers = blocks
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:blocks]
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def parse_method(spec: str) -> tuple[str, str, bool, str, dict]:
@@ -200,7 +221,7 @@ def write_outputs(args, records: list) -> None:
     print("\n" + table)
     device = flat[0]["device"] if flat else "?"
     md = [f"# Quality: protocol {args.protocol}", "",
-          f"Model {args.model}; calibration C4 {args.nsamples}×{args.seqlen} (seed {args.seed}); "
+          f"Model {getattr(args, 'model_label', args.model)}; calibration C4 {args.nsamples}×{args.seqlen} (seed {args.seed}); "
           f"WikiText-2 {args.wikitext_windows} and C4 {args.c4_windows} windows of {args.eval_seqlen} tokens. "
           f"Ratio = fraction of compressible-linear parameters removed. Device: {device}. "
           f"Dense reference (DESIGN §4): {DENSE_REFERENCE['wikitext2_ppl']} / {DENSE_REFERENCE['c4_ppl']}. "
@@ -283,7 +304,10 @@ def main(argv=None):
     p.add_argument("--plot-ratio", type=float, default=0.4)
     p.add_argument("--plot-methods", default="svd,svd-llm,shift-aware,aa-svd,erc-svd,saes,aa-svd+refine,best",
                    help="the per-block error plot's curves (rows at --plot-ratio)")
-    p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation: a smoke test")
+    p.add_argument("--quick", action="store_true",
+                   help=f"the first {QUICK_BLOCKS} blocks, tiny calibration and evaluation: a smoke test")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="keep only the model's first N decoder blocks (smoke tests; not the protocol)")
     p.add_argument("--memory", action="store_true", help="the peak-RSS comparison instead of the quality table")
     p.add_argument("--skip-dense", action="store_true", help="do not (re)run the dense row")
     p.add_argument("--quiet", action="store_true")
@@ -302,7 +326,10 @@ def main(argv=None):
         # evaluated at the calibration length; refinement overfits this little data (a smoke test only)
         args.nsamples, args.seqlen, args.wikitext_windows, args.c4_windows = 8, 128, 4, 4
         args.eval_seqlen = args.seqlen
+        args.blocks = args.blocks or QUICK_BLOCKS
         args.protocol = "smollm2-cpu-quick"
+    if args.blocks:  # rows of a cut model never mix with the protocol's in the runs cache
+        args.protocol += f"-{args.blocks}blocks"
     args.out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")
     if args.quick and not args.runs_dir:  # a smoke test always runs: no cache from an earlier invocation
         args.runs_dir = tempfile.mkdtemp(prefix="lowrank-quick-runs-")
@@ -314,7 +341,11 @@ def main(argv=None):
     configs = [(m, float(r)) for r in args.ratios.split(",") for m in args.methods.split(",")]
     if not args.skip_dense:
         configs.append(("dense", 0.0))
-    run_configs(args, configs)
+    with tempfile.TemporaryDirectory(prefix="lowrank-cut-model-") as cut:
+        if args.blocks:
+            args.model_label = f"{args.model}, first {args.blocks} blocks"
+            args.model = truncated_checkpoint(args.model, args.blocks, cut)
+        run_configs(args, configs)
     write_outputs(args, cached_records(args))
 
 

@@ -134,7 +134,9 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
     if two_stream and hold is not None:  # SettledOutputs: one replayed child output (attention) per token
         streams += 1
     stream_bytes = streams * tokens * hidden * act_bytes
-    group_inputs = tokens * sum(n for n, _ in groups) * act_bytes if two_stream else 0
+    # dense inputs wait for their group's X' pass; X' inputs of linears that end a child (o_proj,
+    # down_proj) are kept for replay. Groups run in order, so only the current group is in both.
+    group_inputs = tokens * (sum(n for n, _ in groups) + max(n for n, _ in groups)) * act_bytes if two_stream else 0
     if hold is None:  # on disk: one batch resident at a time
         plan.add(compute, "activation streams (one batch from disk)", 2 * batch_tokens * max(hidden, widest) * act_bytes)
     else:

@@ -218,10 +218,12 @@ def test_single_stream_without_error_tracking_gives_identical_factors():
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("method", ["aa-svd", "saes"])
 def test_settled_outputs_replay_changes_nothing_and_skips_attention(kind, method, monkeypatch):
-    """Replaying final children (attention once o_proj is installed) gives bit-identical factors and
-    error reports, and runs attention on X' twice per batch instead of four times."""
+    """Replaying final children (attention as o_proj of its kept input once q/k/v are installed, the
+    MLP as down_proj of its kept input) gives bit-identical factors and error reports, runs
+    attention on X' once per batch instead of four times, and gate/up once instead of twice."""
     ids = _ids()
     calls = {"replay": 0, "plain": 0}
+    gate_calls = {"replay": 0, "plain": 0}
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def compress(label):
@@ -229,7 +231,12 @@ def test_settled_outputs_replay_changes_nothing_and_skips_attention(kind, method
             calls[label] += 1
             return sdpa(*args, **kwargs)
 
+        def count_gate(module, args):
+            gate_calls[label] += 1
+
         model = tiny_model(kind)
+        for layer in model.model.layers:  # act_fn(gate_proj(x)): the hook is copied into each compressed block
+            layer.mlp.act_fn.register_forward_pre_hook(count_gate)
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
         result = pipeline.compress_model(model, ids, pipeline.CompressionConfig(method=method, ratio=0.3,
                                                                                 batch_size=2), progress=False)
@@ -245,7 +252,9 @@ def test_settled_outputs_replay_changes_nothing_and_skips_attention(kind, method
     assert [r.output_rel_mse for r in ra.blocks] == [r.output_rel_mse for r in rb.blocks]
     batches, blocks = 3, 2
     # per block: discovery probes, the dense pass, then X' passes for o, gate/up, down and the X' output
-    assert calls["plain"] - calls["replay"] == 2 * batches * blocks
+    assert calls["plain"] - calls["replay"] == 3 * batches * blocks
+    # the MLP activation runs in the dense pass, the down X' pass and (without replay) the X' output pass
+    assert gate_calls["plain"] - gate_calls["replay"] == batches * blocks
 
 
 def test_settled_outputs_off_when_linears_run_out_of_group_order():
@@ -258,8 +267,27 @@ def test_settled_outputs_off_when_linears_run_out_of_group_order():
     settled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups, "cpu")
     assert set(settled.needed) == {"self_attn", "mlp"}
     assert settled.needed == {"self_attn": 4, "mlp": 7}
+    assert settled.tails == {"self_attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
     shuffled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups[::-1], "cpu")
-    assert shuffled.needed == {}
+    assert shuffled.needed == {} and shuffled.tails == {}
+
+
+def test_settled_tail_needs_the_last_linears_output_untouched():
+    """A child that updates its last linear's output in place, or returns more than it, is not replayed
+    as that linear of its kept input."""
+    model = tiny_model("llama")
+    block = find_decoder_blocks(model)[1][0]
+    hidden = torch.randn(1, 6, 48)
+    kwargs = {"position_embeddings": model.model.rotary_emb(hidden, torch.arange(6)[None])}
+    groups = pipeline.discover_groups(block, hidden, kwargs, "cpu")
+    mlp = block.mlp
+    mlp.forward = lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).mul_(0.5)
+    settled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups, "cpu")
+    assert settled.needed == {"self_attn": 4, "mlp": 7} and settled.tails == {"self_attn": "self_attn.o_proj"}
+    attention = block.self_attn.forward  # attention that also returns a tensor besides o_proj's output
+    block.self_attn.forward = lambda *a, **k: (lambda out: (out[0], out[0] * 2))(attention(*a, **k))
+    settled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups, "cpu")
+    assert set(settled.needed) == {"self_attn", "mlp"} and settled.tails == {}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

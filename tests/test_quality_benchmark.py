@@ -34,3 +34,23 @@ def test_layer_error_plot_is_a_png(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(path) > 10_000
+
+
+def test_truncated_checkpoint_keeps_the_first_blocks_and_runs_like_them(tiny_checkpoint, tmp_path):
+    import torch
+
+    from lowrank_engine import models
+
+    source = str(tiny_checkpoint / "model")
+    full, _ = models.load_model(source)
+    cut_dir = _quality().truncated_checkpoint(source, 1, str(tmp_path / "cut"))
+    cut, tokenizer = models.load_model(cut_dir)
+    assert cut.config.num_hidden_layers == 1 and len(models.find_decoder_blocks(cut)[1]) == 1
+    assert tokenizer is not None
+    # the cut model is the full one without its later blocks
+    full.model.layers = full.model.layers[:1]
+    ids = torch.randint(0, full.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, full(ids).logits, rtol=0, atol=0)
+    with pytest.raises(SystemExit, match="--blocks"):
+        _quality().truncated_checkpoint(source, 99, str(tmp_path / "bad"))
