@@ -230,13 +230,21 @@ def write_outputs(args, records: list) -> None:
           "compress_seconds leaves out the error report of single-stream methods (their X' is propagated only "
           "to measure per-layer error; quality.json gives it as error_tracking_seconds).",
           "", format_table(flat, columns, markdown=True), ""]
-    notes = [f"- {r['method']} {r['ratio']}: {r['note']}" for r in records if r.get("note")]
+    if args.blocks:
+        md[2:2] = [f"**A model cut to its first {args.blocks} blocks**: a smoke test that every row runs. The final "
+                   "norm and head never see such shallow features, so these perplexities measure nothing and "
+                   "compare with nothing (not even the dense reference).", ""]
+    def label(r):  # rows refined for other than --refine-passes passes say how many
+        passes = r.get("refine_passes")
+        return r["method"] if passes in (None, args.refine_passes) else f"{r['method']} ({passes} passes)"
+
+    notes = [f"- {label(r)} {r['ratio']}: {r['note']}" for r in records if r.get("note")]
     if notes:
         md += ["Notes:", *notes, ""]
     with open(os.path.join(args.out_dir, "quality.md"), "w") as f:
         f.write("\n".join(md))
     wanted = args.plot_methods.split(",")
-    series = {r["method"]: r["layer_errors"] for r in sorted(records, key=lambda r: wanted.index(r["method"])
+    series = {label(r): r["layer_errors"] for r in sorted(records, key=lambda r: wanted.index(r["method"])
                                                                if r["method"] in wanted else len(wanted))
               if r.get("layer_errors") and abs(r["ratio"] - args.plot_ratio) < 1e-9 and r["method"] in wanted}
     if series:
