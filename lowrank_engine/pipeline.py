@@ -288,7 +288,7 @@ class SettledOutputs:
         ends: dict[str, list[int]] = defaultdict(list)
         starts: dict[str, int] = {}
         returned: dict[str, tuple] = {}  # linear → (its output, a copy of its value then)
-        tails: dict[str, str] = {}  # child → the linear whose output it returns untouched
+        tails: dict[str, tuple] = {}  # child → (the linear whose output it returns untouched, output shape)
         children = {name: child for name, child in block.named_children() if block_linears(child)}
 
         def child_end(c, out):
@@ -297,8 +297,8 @@ class SettledOutputs:
             first, rest = (out[0], out[1:]) if isinstance(out, (tuple, list)) and out else (out, ())
             if last is not None and first is returned[last][0] and all(r is None for r in rest) \
                     and torch.equal(first, returned[last][1]):  # not updated in place after the linear
-                tails[c] = last
-                self.extras[c] = (type(out), len(rest)) if isinstance(out, (tuple, list)) else None
+                # a tuple's type and its trailing Nones, or None for a bare tensor
+                tails[c] = (last, (type(out), len(rest)) if isinstance(out, (tuple, list)) else None)
 
         handles = [block.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: calls.append(n))
                    for n in block_linears(block)]
@@ -309,7 +309,6 @@ class SettledOutputs:
                     for c, child in children.items()]
         handles += [child.register_forward_hook(lambda mod, args, out, c=c: child_end(c, out))
                     for c, child in children.items()]
-        self.extras: dict[str, Optional[tuple]] = {}  # child → (tuple type, trailing Nones) or None for a tensor
         try:
             with torch.no_grad():
                 run_block(block, hidden[:1, : min(hidden.shape[1], 8)],
@@ -320,7 +319,8 @@ class SettledOutputs:
         in_order = calls == [n for g in groups for n in g]
         # a child is final once this many linears (in call order) are installed
         self.needed = {c: e[0] for c, e in ends.items() if in_order and len(e) == 1}
-        self.tails = {c: tails[c] for c in self.needed if c in tails}
+        self.tails = {c: tails[c][0] for c in self.needed if c in tails}
+        self.extras = {c: tails[c][1] for c in self.tails}
         self.children = children
         self.installed = 0
         self.outputs: dict[str, dict[int, object]] = defaultdict(dict)
@@ -331,10 +331,12 @@ class SettledOutputs:
 
     def keep_group_input(self, group: list[str], batch: int, x: torch.Tensor) -> None:
         """Keep a group's X' input when a child ends in one of its linears."""
-        for linear in group:
-            if linear in self.tails.values():
-                x = x.detach()
-                self.tail_inputs[linear][batch] = (x.clone() if x._base is not None else x).to(self.holding)
+        kept = [linear for linear in group if linear in self.tails.values()]
+        if kept:
+            x = x.detach()
+            x = (x.clone() if x._base is not None else x).to(self.holding)  # not a view pinning a larger base
+            for linear in kept:
+                self.tail_inputs[linear][batch] = x
 
     def _store(self, name: str, batch: int, out) -> None:
         self.outputs[name][batch] = _map_tensors(out, lambda t: t.detach().to(self.holding, copy=True))
