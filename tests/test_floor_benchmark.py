@@ -1,0 +1,77 @@
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_floor():
+    spec = importlib.util.spec_from_file_location("floor", os.path.join(HERE, "..", "benchmarks", "floor.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["floor"] = module  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_block_shapes_and_groups_found_from_the_config():
+    floor = load_floor()
+    config = floor.tiny_config()
+    depth, linears, groups = floor.block_shapes(config)
+    assert depth == 2
+    assert linears == {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
+                       "self_attn.o_proj": (64, 64), "mlp.gate_proj": (160, 64), "mlp.up_proj": (160, 64),
+                       "mlp.down_proj": (64, 160)}
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_quick_run_adds_the_products_it_timed(tmp_path):
+    floor = load_floor()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    out = tmp_path / "out"
+    assert floor.main(["--quick", "--out-dir", str(out), "--runs-dir", str(runs)]) == 0
+    record = json.loads((out / "floor.json").read_text())
+    assert "| svd-llm |" in (out / "floor.md").read_text()
+    products = {p["name"]: p for p in record["products"]}
+    assert all(p["ms"] > 0 and p["flop"] > 0 for p in products.values())
+    tokens = record["batch_size"] * record["seqlen"]
+    weights = 64 * 64 * 2 + 32 * 64 * 2 + 160 * 64 * 3
+    assert products["dense linears"]["flop"] == 2 * tokens * weights
+    assert products["C: XᵀX'"]["flop"] == 2 * tokens * (3 * 64 * 64 + 160 * 160)
+    scale = record["blocks"] * record["nsamples"] // record["batch_size"] / 1e3
+    seconds = {name: p["ms"] * scale for name, p in products.items()}
+    got = {f["method"]: f["floor_seconds"] for f in record["floors"]}
+    dense = seconds["dense linears"] + seconds["attention (SDPA, causal)"]
+    assert got["svd-llm"] == pytest.approx(dense + seconds["A or B: XᵀX at half a GEMM"])
+    factorized = seconds["factorized linears"] + seconds["attention (SDPA, causal)"]
+    aa_svd = dense + factorized + seconds["A or B: XᵀX at half a GEMM"] + seconds["C: XᵀX'"]
+    assert got["aa-svd"] == pytest.approx(aa_svd)
+    refine_pass = seconds["refine: factorized linears fwd+bwd"] + seconds["refine: attention fwd+bwd"]
+    assert got["aa-svd+refine (3 passes)"] == pytest.approx(aa_svd + 3 * refine_pass + factorized)
+    assert all(f["engine_seconds"] is None and f["peer_seconds"] is None for f in record["floors"])
+
+
+def test_engine_seconds_read_from_matching_record_only(tmp_path):
+    floor = load_floor()
+    rows = [("aa-svd+refine", 0.4, 3, 886.7), ("aa-svd+refine", 0.4, 25, 4325.0), ("svd-llm", 0.6, None, 109.4)]
+    for i, (method, ratio, passes, seconds) in enumerate(rows):
+        (tmp_path / f"r{i}.json").write_text(json.dumps({"protocol": "p", "method": method, "ratio": ratio,
+                                                         "refine_passes": passes, "compress_seconds": seconds}))
+    assert floor.engine_seconds(str(tmp_path), "p", "aa-svd+refine", 0.4, 25) == 4325.0
+    assert floor.engine_seconds(str(tmp_path), "p", "aa-svd+refine", 0.4, 3) == 886.7
+    assert floor.engine_seconds(str(tmp_path), "p", "svd-llm", 0.4, 3) is None
+    assert floor.engine_seconds(str(tmp_path), "other", "svd-llm", 0.6, 3) is None
+
+
+@pytest.mark.parametrize("argv", [["--nsamples", "5", "--batch-size", "2"], ["--ratio", "1.2"],
+                                  ["--refine-passes", "-1"]])
+def test_bad_arguments_fail_before_writing(tmp_path, argv):
+    floor = load_floor()
+    with pytest.raises(SystemExit) as exc:
+        floor.main(argv + ["--out-dir", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert not (tmp_path / "out").exists()
