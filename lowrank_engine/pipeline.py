@@ -760,10 +760,10 @@ class Compressor:
                                                     run_block)
         if not two_stream and not cfg.track_error and not cfg.refine:  # X' feeds only the error report
             return comp, x_next, self.store.stream("xp"), report
-        # a single-stream method without refinement propagates X' only to report the error
+        # a single-stream method without refinement propagates X' only to report the error: both are timed apart
         with self._timed("propagate" if two_stream or cfg.refine else "error_tracking"):
             xp_next = self._propagate(comp, xp_stream, kwargs, check=f"the output of block {index}", settled=settled)
-        report.output_rel_mse, report.output_cosine_distance = stream_error(x_next, xp_next)
+            report.output_rel_mse, report.output_cosine_distance = stream_error(x_next, xp_next)
         return comp, x_next, xp_next, report
 
     def _empty_single_stats(self, n: int) -> solvers.GroupStatistics:

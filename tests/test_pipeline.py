@@ -1,6 +1,7 @@
 """The streaming pipeline on tiny LLaMA (GQA), Mistral and Qwen2 models."""
 import contextlib
 import os
+import time
 
 import pytest
 import torch
@@ -213,6 +214,22 @@ def test_single_stream_without_error_tracking_gives_identical_factors():
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(ta, tb)
     assert ra.blocks[0].output_rel_mse > 0 and rb.blocks[0].output_rel_mse != rb.blocks[0].output_rel_mse  # NaN
+
+
+def test_single_stream_error_report_is_timed_apart(monkeypatch):
+    """quality.py subtracts error_tracking from a single-stream method's seconds, so the error
+    measurement itself must be inside that stage, not in untimed time."""
+    measure = pipeline.stream_error
+
+    def slow_stream_error(x, xp):
+        time.sleep(0.25)
+        return measure(x, xp)
+
+    monkeypatch.setattr(pipeline, "stream_error", slow_stream_error)
+    result = pipeline.compress_model(tiny_model("llama", layers=2), _ids(),
+                                     pipeline.CompressionConfig(method="svd-llm", ratio=0.3), progress=False)
+    assert result.stage_seconds["error_tracking"] >= 0.5
+    assert result.blocks[1].output_rel_mse > 0
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
