@@ -22,8 +22,12 @@ Each product is timed into a preallocated output, best of --reps. Norms, activat
 allocation, the solves and all I/O are left out, so a real run is always slower: the floor says how much
 of a run is overhead, and whether a published time is reachable on this machine at all.
 
-    python benchmarks/floor.py                    # SmolLM2-135M on the smollm2-cpu-v1 protocol
+    python benchmarks/floor.py                    # SmolLM2-135M on the smollm2-cpu-v1 protocol (fp32 on the CPU)
+    python benchmarks/floor.py --model DIR --device cuda --nsamples 256 --seqlen 2048   # bf16 on a GPU
     python benchmarks/floor.py --quick            # a tiny random LLaMA: a smoke test of the script
+
+Engine seconds come from quality.py records of the same protocol and device; the peer's only on the
+CPU protocol it ran.
 
 Writes floor.md and floor.json to --out-dir (default benchmarks/results).
 """
@@ -48,14 +52,25 @@ class Product:
     seconds: float  # measured, per batch, per block
 
 
-def best_seconds(fn, reps: int) -> float:
-    fn()  # warm-up: allocator and BLAS thread pool
+def best_seconds(fn, reps: int, device: str = "cpu") -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()  # warm-up: allocator, BLAS thread pool, kernel selection
     best = float("inf")
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def load_config(spec: str):
@@ -112,7 +127,7 @@ def attention_shape(config) -> tuple[int, int]:
 
 
 def measure_products(config, linears: dict, groups: list, ratio: float, batch: int, seqlen: int,
-                     reps: int) -> dict[str, Product]:
+                     reps: int, device: str = "cpu", dtype: str = "float32") -> dict[str, Product]:
     import torch
     import torch.nn.functional as F
 
@@ -122,7 +137,7 @@ def measure_products(config, linears: dict, groups: list, ratio: float, batch: i
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape, grad=False):
-        return torch.randn(*shape, generator=gen).requires_grad_(grad)
+        return torch.randn(*shape, generator=gen).to(device, getattr(torch, dtype)).requires_grad_(grad)
 
     ranks = {name: solvers.rank_for_ratio(m, n, ratio) for name, (m, n) in linears.items()}
     inputs = {}  # one activation per distinct input width
@@ -156,18 +171,18 @@ def measure_products(config, linears: dict, groups: list, ratio: float, batch: i
 
     def gemms(pairs):
         """Time the products into preallocated outputs: allocation is an overhead, not part of the floor."""
-        outs = [torch.empty(a.shape[0], b.shape[1]) for a, b in pairs]
+        outs = [torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device) for a, b in pairs]
 
         def run():
             for (a, b), out in zip(pairs, outs):
                 torch.mm(a, b, out=out)
-        return best_seconds(run, reps)
+        return best_seconds(run, reps, device)
 
     dense_flop = sum(2 * tokens * m * n for m, n in linears.values())
     factorized_flop = sum(2 * tokens * ranks[name] * (m + n) for name, (m, n) in linears.items())
     covariance_flop = sum(2 * tokens * n * n for n in group_widths)
     covariance_s = gemms(covariance)
-    attention_s = best_seconds(sdpa_forward, reps)
+    attention_s = best_seconds(sdpa_forward, reps, device)
     products = [
         Product("dense linears", dense_flop, gemms(dense)),
         Product("factorized linears", factorized_flop, gemms(factorized)),
@@ -175,7 +190,7 @@ def measure_products(config, linears: dict, groups: list, ratio: float, batch: i
         Product("A or B: XᵀX at half a GEMM", covariance_flop / 2, covariance_s / 2),
         Product("C: XᵀX'", covariance_flop, covariance_s),
         Product("refine: factorized linears fwd+bwd", 3 * factorized_flop, gemms(train)),
-        Product("refine: attention fwd+bwd", 3 * sdpa_flop, best_seconds(sdpa_train, reps)),
+        Product("refine: attention fwd+bwd", 3 * sdpa_flop, best_seconds(sdpa_train, reps, device)),
     ]
     return {p.name: p for p in products}
 
@@ -193,13 +208,13 @@ def floors(products: dict[str, Product], depth: int, batches: int, refine_passes
     }
 
 
-def engine_seconds(runs_dir: str, protocol: str, method: str, ratio: float, refine_passes: int):
-    """The compression seconds of quality.py's record for this row, or None."""
+def engine_seconds(runs_dir: str, protocol: str, device: str, method: str, ratio: float, refine_passes: int):
+    """The compression seconds of quality.py's record for this row on this device, or None."""
     for path in sorted(glob.glob(os.path.join(runs_dir, "*.json"))):
         with open(path) as f:
             rec = json.load(f)
         passes = rec.get("refine_passes")
-        if (rec.get("protocol") == protocol and rec.get("method") == method
+        if (rec.get("protocol") == protocol and rec.get("device") == device and rec.get("method") == method
                 and abs(rec.get("ratio", -1) - ratio) < 1e-9 and (passes is None or passes == refine_passes)):
             return rec.get("compress_seconds")
     return None
@@ -214,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--refine-passes", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", default=None, help="the products' dtype (default float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--runs-dir", default=os.path.join(HERE, "results", "runs"),
                         help="quality.py's per-row records, for the engine's measured seconds")
     parser.add_argument("--out-dir", default=None, help="default benchmarks/results (results/quick with --quick)")
@@ -237,19 +254,22 @@ def main(argv=None) -> int:
     out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")
     depth, linears, groups = block_shapes(config)
     batches = args.nsamples // args.batch_size
-    products = measure_products(config, linears, groups, args.ratio, args.batch_size, args.seqlen, args.reps)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    products = measure_products(config, linears, groups, args.ratio, args.batch_size, args.seqlen, args.reps,
+                                args.device, dtype)
     floor = floors(products, depth, batches, args.refine_passes)
 
     product_rows = [(p.name, p.flop, p.seconds * 1e3, p.flop / p.seconds / 1e9) for p in products.values()]
+    device = quality.device_name() if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     method_rows = []
     for method, seconds in floor.items():
-        engine = engine_seconds(args.runs_dir, protocol, method, args.ratio, args.refine_passes)
-        peer = quality.PEER_SECONDS.get(method, {}).get(args.ratio) if protocol == quality.PROTOCOL else None
+        engine = engine_seconds(args.runs_dir, protocol, device, method, args.ratio, args.refine_passes)
+        peer_ran_here = protocol == quality.PROTOCOL and args.device == "cpu"  # the peer ran the CPU protocol
+        peer = quality.PEER_SECONDS.get(method, {}).get(args.ratio) if peer_ran_here else None
         label = f"{method} ({args.refine_passes} passes)" if method == "aa-svd+refine" else method
         method_rows.append((label, seconds, engine, peer))
 
-    device = quality.device_name()
-    lines = [f"# Compute floor: {protocol}, ratio {args.ratio}, {device}, {torch.get_num_threads()} threads", "",
+    lines = [f"# Compute floor: {protocol}, ratio {args.ratio}, {device}, {torch.get_num_threads()} threads, {dtype}", "",
              f"{depth} blocks, {args.nsamples}×{args.seqlen} calibration tokens in batches of {args.batch_size}; "
              f"best of {args.reps} timings of each product on random data.", "",
              "Products per block and batch:", "",
@@ -267,7 +287,7 @@ def main(argv=None) -> int:
     print(text)
 
     os.makedirs(out_dir, exist_ok=True)
-    record = {"protocol": protocol, "ratio": args.ratio, "device": device, "threads": torch.get_num_threads(),
+    record = {"protocol": protocol, "ratio": args.ratio, "device": device, "threads": torch.get_num_threads(), "dtype": dtype,
               "blocks": depth, "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
               "refine_passes": args.refine_passes,
               "products": [dict(zip(("name", "flop", "ms", "gflop_per_s"), row)) for row in product_rows],

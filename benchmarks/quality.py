@@ -228,7 +228,8 @@ def write_outputs(args, records: list) -> None:
           "peer_* columns: the published AA-SVD code on the same protocol. saes:fixed = ACES fixed-subspace β. "
           "best = the `best` preset (aa-svd, then refinement with one step per window at lr 1e-3). "
           "compress_seconds leaves out the error report of single-stream methods (their X' is propagated only "
-          "to measure per-layer error; quality.json gives it as error_tracking_seconds).",
+          "to measure per-layer error; quality.json gives it as error_tracking_seconds). floor.md (benchmarks/floor.py) "
+          "times each method's matrix products alone on the same machine: the seconds no implementation goes below.",
           "", format_table(flat, columns, markdown=True), ""]
     if args.blocks:
         md[2:2] = [f"**A model cut to its first {args.blocks} blocks**: a smoke test that every row runs. The final "

@@ -57,14 +57,18 @@ def test_quick_run_adds_the_products_it_timed(tmp_path):
 
 def test_engine_seconds_read_from_matching_record_only(tmp_path):
     floor = load_floor()
-    rows = [("aa-svd+refine", 0.4, 3, 886.7), ("aa-svd+refine", 0.4, 25, 4325.0), ("svd-llm", 0.6, None, 109.4)]
-    for i, (method, ratio, passes, seconds) in enumerate(rows):
+    rows = [("aa-svd+refine", 0.4, 3, 886.7, "cpu (2 cores)"), ("aa-svd+refine", 0.4, 25, 4325.0, "cpu (2 cores)"),
+            ("svd-llm", 0.6, None, 109.4, "cpu (2 cores)"), ("svd-llm", 0.4, None, 12.5, "NVIDIA H100")]
+    for i, (method, ratio, passes, seconds, device) in enumerate(rows):
         (tmp_path / f"r{i}.json").write_text(json.dumps({"protocol": "p", "method": method, "ratio": ratio,
-                                                         "refine_passes": passes, "compress_seconds": seconds}))
-    assert floor.engine_seconds(str(tmp_path), "p", "aa-svd+refine", 0.4, 25) == 4325.0
-    assert floor.engine_seconds(str(tmp_path), "p", "aa-svd+refine", 0.4, 3) == 886.7
-    assert floor.engine_seconds(str(tmp_path), "p", "svd-llm", 0.4, 3) is None
-    assert floor.engine_seconds(str(tmp_path), "other", "svd-llm", 0.6, 3) is None
+                                                         "refine_passes": passes, "compress_seconds": seconds,
+                                                         "device": device}))
+    cpu = "cpu (2 cores)"
+    assert floor.engine_seconds(str(tmp_path), "p", cpu, "aa-svd+refine", 0.4, 25) == 4325.0
+    assert floor.engine_seconds(str(tmp_path), "p", cpu, "aa-svd+refine", 0.4, 3) == 886.7
+    assert floor.engine_seconds(str(tmp_path), "p", cpu, "svd-llm", 0.4, 3) is None  # only a GPU record
+    assert floor.engine_seconds(str(tmp_path), "p", "NVIDIA H100", "svd-llm", 0.4, 3) == 12.5
+    assert floor.engine_seconds(str(tmp_path), "other", cpu, "svd-llm", 0.6, 3) is None
 
 
 @pytest.mark.parametrize("argv", [["--nsamples", "5", "--batch-size", "2"], ["--ratio", "1.2"],
