@@ -78,7 +78,7 @@ def load_config(spec: str):
 
     from lowrank_engine import models
 
-    if spec.lower() in (models.DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct") or os.path.isdir(spec):
+    if models.is_default_model(spec) or os.path.isdir(spec):
         return AutoConfig.from_pretrained(models.resolve_model_path(spec))
     return AutoConfig.from_pretrained(spec)  # a hub id: its config.json only, never the weights
 
@@ -244,12 +244,14 @@ def main(argv=None) -> int:
     import quality  # the protocol name and the peer's seconds live with the quality table
     import torch
 
+    from lowrank_engine import models
+
     if args.quick:
         config, protocol = tiny_config(), "tiny-random-llama"
         args.nsamples, args.seqlen, args.batch_size, args.reps = 4, 32, 2, 2
     else:
         config = load_config(args.model)
-        protocol = quality.PROTOCOL if args.model == "smollm2-135m" and (args.nsamples, args.seqlen) == (64, 512) \
+        protocol = quality.PROTOCOL if models.is_default_model(args.model) and (args.nsamples, args.seqlen) == (64, 512) \
             else f"{args.model}-{args.nsamples}x{args.seqlen}"
     out_dir = args.out_dir or os.path.join(HERE, "results", "quick" if args.quick else "")
     depth, linears, groups = block_shapes(config)

@@ -118,9 +118,14 @@ def convert_smollm2(target: str) -> str:
     return target
 
 
+def is_default_model(spec: str) -> bool:
+    """`spec` names the embedded SmolLM2 (converted from the packaged GGUF, never fetched)."""
+    return spec.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct")
+
+
 def resolve_model_path(spec: str) -> str:
     """A local checkpoint directory for `spec` (the embedded default is converted and cached)."""
-    if spec.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
+    if is_default_model(spec):
         target = os.path.join(cache_dir(), "smollm2-135m-instruct-fp32")
         if not os.path.exists(os.path.join(target, "config.json")):
             convert_smollm2(target)
