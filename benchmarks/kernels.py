@@ -249,7 +249,7 @@ def bench_e2e_decode(on_gpu, dev, ratio=0.4, steps=32):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowrank_engine.models import block_linears, find_decoder_blocks, set_submodule
+    from lowrank_engine.models import block_linears, decode_step, find_decoder_blocks, set_submodule
     from lowrank_engine.modules import LowRankLinear
 
     if on_gpu:  # LLaMA-3-8B block shapes, 8 blocks (the per-token cost is per block)
@@ -274,14 +274,14 @@ def bench_e2e_decode(on_gpu, dev, ratio=0.4, steps=32):
     @torch.no_grad()
     def per_token_ms(model):
         prompt = torch.randint(0, cfg.vocab_size, (1, 16), device=dev)
-        out = model(input_ids=prompt, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out, past = decode_step(model, prompt)
+        nxt = out.logits[:, -1:].argmax(-1)
         if on_gpu:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out, past = decode_step(model, nxt, past)
+            nxt = out.logits[:, -1:].argmax(-1)
         if on_gpu:
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1e3 / steps

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from lowrank_engine import models
+
 logger = logging.getLogger("lowrank_engine")
 
 NAMED_SETS = ("wikitext2", "c4")
@@ -185,8 +187,7 @@ def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, b
         ids = torch.full((b, 1), start_id, dtype=torch.long, device=device)
         past = None
         for _ in range(seqlen - 1):
-            step = model(input_ids=ids[:, -1:] if past is not None else ids, past_key_values=past, use_cache=True)
-            past = step.past_key_values
+            step, past = models.decode_step(model, ids[:, -1:] if past is not None else ids, past)
             probs = torch.softmax(step.logits[:, -1].float() / temperature, dim=-1).cpu()
             nxt = torch.multinomial(probs, 1, generator=generator).to(device)
             ids = torch.cat([ids, nxt], dim=1)

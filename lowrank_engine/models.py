@@ -7,6 +7,7 @@ they share (observed with hooks on a probe forward).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -68,6 +69,15 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+def decode_step(model: nn.Module, input_ids: torch.Tensor, cache=None):
+    """One cached forward: (output, its KV cache). transformers renamed `past_key_values` to `cache`
+    (5.2x, the old name warns and goes in 5.40); the keyword follows the model's own signature."""
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **({keyword: cache} if cache is not None else {}))
+    keys = out.keys()  # not `in out`: its old-name lookup warns too
+    return out, out["cache"] if "cache" in keys else out["past_key_values"]
 
 
 # --------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
 
     def hook(module, args, kwargs):
         h = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "cache", "use_cache")}
         hidden.append(h)
         kwargs_list.append(_to(kw, device))
         raise _StopForward

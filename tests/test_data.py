@@ -1,11 +1,12 @@
 """Calibration sources and evaluation windows."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
 
-from lowrank_engine import data
+from lowrank_engine import data, models
 
 from conftest import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
@@ -72,6 +73,33 @@ def test_self_calibration_samples_from_the_model():
     assert (a.input_ids[:, 0] == tok.bos_token_id).all()
     assert a.source == "self"
 
+
+def test_cached_decode_matches_the_full_forward_and_uses_the_current_cache_keyword():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = model(input_ids=ids, use_cache=False).logits
+        out, cache = models.decode_step(model, ids[:, :4])
+        steps = [out.logits[:, -1]]
+        for t in range(4, 9):
+            out, cache = models.decode_step(model, ids[:, t:t + 1], cache)
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 3:], rtol=1e-4, atol=1e-5)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_cached_decode_falls_back_to_the_old_keyword():
+    seen = []
+
+    class OldModel(torch.nn.Module):  # a transformers < 5.2x forward: no `cache` keyword
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            seen.append(past_key_values)
+            return {"logits": input_ids.float(), "past_key_values": ("kv", len(seen))}
+
+    out, cache = models.decode_step(OldModel(), torch.ones(1, 2, dtype=torch.long))
+    _, cache2 = models.decode_step(OldModel(), torch.ones(1, 1, dtype=torch.long), cache)
+    assert seen == [None, ("kv", 1)] and cache2 == ("kv", 2)
 
 needs_data = pytest.mark.skipif(not os.environ.get("LOWRANK_ENGINE_DATA"), reason="LOWRANK_ENGINE_DATA unset")
 
