@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from lowrank_engine.models import block_linears
-from lowrank_engine.solvers import output_side
+from lowrank_engine.solvers import output_side, output_statistics
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -113,8 +113,9 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
         plan.add(compute, "statistics (fp32)", count * 4 * max(n * n for n, _ in groups))
         if solve_bytes != 4:  # the solver's own copies of A, B, C in its dtype
             plan.add(compute, "statistics (solve dtype)", count * solve_bytes * max(n * n for n, _ in groups))
-    elif "A" in method.needs:
-        plan.add(compute, "statistics (fp32)", 4 * sum(n * n for n, _ in groups))
+    elif "A" in method.needs:  # XᵀX, or the outputs' YᵀY where smaller (per linear: a bound on any grouping)
+        plan.add(compute, "statistics (fp32)", 4 * sum(m * m if output_statistics(method, [(m, n)]) else n * n
+                                                       for n, m in groups))
     if method.coefficients is not None or method.adaptive_beta:
         def workspace(n, m):
             if output_side(method, [(m, n)]):  # W·H, W·H·Wᵀ and its eigenvectors; no n×n whitening

@@ -231,7 +231,13 @@ def solve_output_side(W: torch.Tensor, H: torch.Tensor, rank: int) -> Factors:
     LLaMA-70B's down_proj whitens 8192² instead of 28672². The pair is balanced column by
     column (‖U_i‖ = ‖V_i‖), as the whitened solve's U_kΣ½ / L⁻ᵀV_kΣ½ are.
     """
-    evals, evecs = eigh_descending(W @ H @ W.mT)
+    return solve_output_gram(W, W @ H @ W.mT, rank)
+
+
+def solve_output_gram(W: torch.Tensor, gram: torch.Tensor, rank: int) -> Factors:
+    """solve_output_side from W·H·Wᵀ itself. With H = A it is YᵀY, Y = XWᵀ: the covariance of the
+    linear's own output, which the pipeline can accumulate instead of A (see output_statistics)."""
+    evals, evecs = eigh_descending(gram)
     Uk = evecs[:, :rank]
     V = W.mT @ Uk
     scale = V.norm(dim=0).sqrt()
@@ -246,6 +252,17 @@ def output_side(method: "Method", shapes) -> bool:
     if c is None or method.adaptive_beta or method.residual or method.diagonal:
         return False
     return (c.c, c.d, c.e) == (c.a, 0, c.b) and all(m <= n for m, n in shapes)
+
+
+def output_statistics(method: "Method", shapes) -> bool:
+    """Whether a single-stream group is better served by each linear's output covariance YᵀY (m×m,
+    Y = XWᵀ) than by the shared XᵀX (n×n). For H = a·A, P = W·H the output-side solve reads only
+    W·A·Wᵀ = YᵀY, and the forward computes Y anyway, so when Σm² < n² the statistic costs less to
+    accumulate and to hold: down_proj takes 576² instead of 1536² on SmolLM2, 8192² instead of
+    28672² on LLaMA-70B."""
+    c = method.coefficients
+    return bool(shapes) and output_side(method, shapes) and c.b == 0 and \
+        sum(m * m for m, _ in shapes) < shapes[0][1] ** 2
 
 
 def solve_residual(W: torch.Tensor, stage1: Factors, stats: "GroupStatistics", stage2: Coefficients, rank2: int,
@@ -393,6 +410,7 @@ class GroupStatistics:
     C: Optional[torch.Tensor] = None
     D: Optional[torch.Tensor] = None  # per-input-channel Σ|x| (absmean) or max|x| (absmax), length n
     tokens: int = 0
+    outputs: Optional[dict] = None  # linear → YᵀY (m×m), in place of A (output_statistics)
 
 
 def _combine(stats: GroupStatistics, terms: tuple[tuple[float, str], ...]) -> Optional[torch.Tensor]:
@@ -424,9 +442,14 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
     if method.diagonal:
         scale = diagonal_scale(stats, method, eps_rel).to(dtype)
         return {name: solve_diagonal(W.to(dtype), scale, ranks[name]) for name, W in weights.items()}
-    stats = GroupStatistics(cast(stats.A), cast(stats.B), cast(stats.C))
     Ws = {name: W.to(dtype) for name, W in weights.items()}
     coeffs = method.coefficients
+    if stats.outputs is not None:
+        if not output_side(method, [tuple(W.shape) for W in Ws.values()]) or coeffs.b:
+            raise ValueError(f"{method.name} cannot be solved from output covariances")
+        return {name: solve_output_gram(W, coeffs.a * stats.outputs[name].to(dtype), ranks[name])
+                for name, W in Ws.items()}
+    stats = GroupStatistics(cast(stats.A), cast(stats.B), cast(stats.C))
     if method.coefficients is None and not method.adaptive_beta:
         return {name: solve(W, None, None, ranks[name]) for name, W in Ws.items()}
     if output_side(method, [tuple(W.shape) for W in Ws.values()]):

@@ -320,3 +320,40 @@ def test_finite_check_catches_nan_and_inf_but_not_large_sums(dtype):
     y[0, 0, 0], y[2, 1, 1] = float("inf"), -float("inf")  # they cancel to NaN, still caught
     with pytest.raises(pipeline.ActivationError):
         pipeline._check_finite(y, "here")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_output_covariances_give_the_input_side_factors(kind, monkeypatch):
+    """svd-llm folds down_proj's output into YᵀY (48² < 112² here) instead of its input's XᵀX; the
+    factors match the XᵀX path. Qwen2's q/k/v carry a bias, which the output statistic must leave out:
+    forcing every output-side group onto YᵀY covers it."""
+    ids = _ids()
+    used = []
+    gram = solvers.solve_output_gram
+
+    def model():
+        m = tiny_model(kind)
+        with torch.no_grad():
+            for _, lin in block_linears(m.model.layers[0]).items():
+                if lin.bias is not None:  # initialised to zero: give it something to leave out
+                    lin.bias.uniform_(-1, 1)
+        return m
+
+    monkeypatch.setattr(solvers, "solve_output_gram", lambda W, G, k: used.append(W.shape) or gram(W, G, k))
+    cfg = dict(method="svd-llm", ratio=0.4, solve_dtype="float64", track_error=False)
+    natural = model()
+    pipeline.compress_model(natural, ids, pipeline.CompressionConfig(**cfg), progress=False)
+    assert (48, 112) in used  # down_proj by its output covariance
+    used.clear()
+    monkeypatch.setattr(solvers, "output_statistics", lambda method, shapes: solvers.output_side(method, shapes))
+    forced = model()
+    pipeline.compress_model(forced, ids, pipeline.CompressionConfig(**cfg), progress=False)
+    assert (48, 48) in used  # q_proj (biased in Qwen2) and o_proj too
+    monkeypatch.setattr(solvers, "output_statistics", lambda method, shapes: False)
+    by_input = model()
+    pipeline.compress_model(by_input, ids, pipeline.CompressionConfig(**cfg), progress=False)
+    for model in (natural, forced):  # both fp32-accumulated: equal up to the rounding of small eigengaps
+        for (name, lr), (_, ref) in zip(model.named_modules(), by_input.named_modules()):
+            if isinstance(lr, LowRankLinear):
+                got, want = lr.U @ lr.V.T, ref.U @ ref.V.T
+                assert float((got - want).detach().norm() / want.detach().norm()) < 1e-3, name

@@ -286,3 +286,35 @@ def test_group_product_order_reaches_the_same_optimum(outs):
         P = W @ stats.C
         optimum = -float((ref.sigma[:k] ** 2).sum())
         assert float(solvers.objective(got[name].U @ got[name].V.T, stats.B, P)) == pytest.approx(optimum, rel=1e-9)
+
+
+def test_output_statistics_only_where_smaller_and_single_stream():
+    get = solvers.get_method
+    down, qkv, o = [(5, 12)], [(12, 12), (4, 12), (4, 12)], [(12, 12)]
+    assert solvers.output_statistics(get("svd-llm"), down)  # 5² < 12²
+    assert solvers.output_statistics(get("svd-llm"), [(5, 12), (6, 12)])  # 25 + 36 < 144
+    assert not solvers.output_statistics(get("svd-llm"), qkv)  # 144 + 16 + 16 ≥ 144: one shared XᵀX
+    assert not solvers.output_statistics(get("svd-llm"), o)
+    assert not solvers.output_statistics(get("svd-llm"), [(20, 12)])  # taller than wide: input side
+    for name in ("shift-aware", "aa-svd", "saes", "erc-svd", "asvd", "svd"):  # H reads X', or P ≠ W·H
+        assert not solvers.output_statistics(get(name), down)
+
+
+@pytest.mark.parametrize("outs,n,k", [((7,), 19, 3), ((5, 6), 23, 4), ((11,), 11, 5)])
+def test_output_covariances_reach_the_input_side_optimum(outs, n, k):
+    """svd-llm from each linear's YᵀY (Y = XWᵀ) gives the factors and Σ_{i>k} σ² of the XᵀX solve."""
+    X = torch.randn(60, n, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    Ws = {f"w{i}": torch.randn(m, n, dtype=torch.float64) for i, m in enumerate(outs)}
+    ranks = {name: min(k, W.shape[0] - 1) for name, W in Ws.items()}
+    method = solvers.get_method("svd-llm")
+    by_input = solvers.solve_group(method, Ws, ranks, solvers.GroupStatistics(A=X.T @ X), eps_rel=1e-14)
+    outputs = {name: (X @ W.T).T @ (X @ W.T) for name, W in Ws.items()}
+    by_output = solvers.solve_group(method, Ws, ranks, solvers.GroupStatistics(outputs=outputs))
+    for name, W in Ws.items():
+        f, ref, r = by_output[name], by_input[name], ranks[name]
+        torch.testing.assert_close(f.U @ f.V.T, ref.U @ ref.V.T, rtol=1e-7, atol=1e-9)
+        err = float(((X @ W.T - X @ (f.U @ f.V.T).T) ** 2).sum())
+        assert err == pytest.approx(float((f.sigma[r:] ** 2).sum()), rel=1e-8, abs=1e-10)
+        assert f.truncation_loss == pytest.approx(ref.truncation_loss, rel=1e-7, abs=1e-10)
+    with pytest.raises(ValueError, match="output covariances"):
+        solvers.solve_group(solvers.get_method("aa-svd"), Ws, ranks, solvers.GroupStatistics(outputs=outputs))
