@@ -412,6 +412,15 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
         raise ActivationError(f"NaN or Inf in the activations entering {where}")
 
 
+def _check_statistics(stats: solvers.GroupStatistics, where: str) -> None:
+    """A NaN or Inf in any folded input reaches the diagonal of XᵀX (or YᵀY, or the |x| sums): one
+    check per block instead of a pass over every batch's activations."""
+    for t in stats.accumulators():
+        if not bool(torch.isfinite(t.diagonal() if t.dim() == 2 else t).all()):
+            raise ActivationError(f"NaN or Inf in the activations entering {where} (or their squares overflow "
+                                  "float32)")
+
+
 # --------------------------------------------------------------------------------------
 # ranks
 # --------------------------------------------------------------------------------------
@@ -688,10 +697,11 @@ class Compressor:
                             for g in groups} if fold else {}
 
             def keep_input(mod, args, first):
-                _check_finite(args[0], f"block {index} {first}")
-                if fold:
+                if fold and single_stats[first].accumulators():  # checked once, on the sums (below)
                     self._fold(single_stats[first], args[0])
-                else:
+                    return
+                _check_finite(args[0], f"block {index} {first}")
+                if not fold:
                     dense_inputs[first].append(args[0])
 
             def keep_output(mod, args, out, stat):
@@ -708,7 +718,8 @@ class Compressor:
             finally:
                 for h in handles:
                     h.remove()
-            for st in single_stats.values():
+            for first, st in single_stats.items():
+                _check_statistics(st, f"block {index} {first}")
                 distributed.all_reduce_sum_(st.A, *(st.outputs or {}).values())
                 if st.D is not None:
                     st.tokens = int(distributed.all_reduce_sum_tensor(torch.tensor([st.tokens])))

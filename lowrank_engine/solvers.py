@@ -412,6 +412,10 @@ class GroupStatistics:
     tokens: int = 0
     outputs: Optional[dict] = None  # linear → YᵀY (m×m), in place of A (output_statistics)
 
+    def accumulators(self) -> list[torch.Tensor]:
+        """The single-stream sums being folded: A, D or the output covariances."""
+        return [t for t in (self.A, self.D, *(self.outputs or {}).values()) if t is not None]
+
 
 def _combine(stats: GroupStatistics, terms: tuple[tuple[float, str], ...]) -> Optional[torch.Tensor]:
     out = None

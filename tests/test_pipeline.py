@@ -357,3 +357,28 @@ def test_output_covariances_give_the_input_side_factors(kind, monkeypatch):
             if isinstance(lr, LowRankLinear):
                 got, want = lr.U @ lr.V.T, ref.U @ ref.V.T
                 assert float((got - want).detach().norm() / want.detach().norm()) < 1e-3, name
+
+
+@pytest.mark.parametrize("method,where", [("svd-llm", "q_proj"), ("svd-llm", "down_proj"), ("asvd", "down_proj"),
+                                          ("asvd-max", "q_proj")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_folded_statistics_catch_a_bad_activation_in_any_batch(method, where, bad):
+    """Single-stream methods check the folded sums, not each batch: one bad value in the last batch of
+    a group's input (down_proj's input reaches svd-llm only through its output covariance) still stops
+    the run and names the group."""
+    model = tiny_model("llama")
+    ids = _ids(6, 24)
+    layer = model.model.layers[1]
+    target = layer.self_attn.q_proj if where == "q_proj" else layer.mlp.down_proj
+    calls = []
+
+    def poison(mod, args):
+        calls.append(1)
+        if len(calls) == 3:  # the last of 3 batches of 2 windows
+            x = args[0].clone()
+            x[1, 5, 7] = bad
+            return (x,)
+    target.register_forward_pre_hook(poison)
+    with pytest.raises(pipeline.ActivationError, match=f"block 1 .*{where}"):
+        pipeline.compress_model(model, ids, pipeline.CompressionConfig(method=method, ratio=0.3, batch_size=2),
+                                progress=False)
