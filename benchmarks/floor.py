@@ -8,7 +8,8 @@ records) and the peer's published seconds.
 Products, per batch of `batch_size` windows, for every block:
   dense forward      the block's linears (x Wᵀ) and causal SDPA
   factorized fwd     the same with every linear a rank-k pair, (x V) Uᵀ, k at the uniform rank
-  A                  XᵀX per distinct linear input, at half a GEMM (an ideal symmetric update)
+  A                  XᵀX per distinct linear input, at half a GEMM (an ideal symmetric update); svd-llm
+                     takes each linear's output YᵀY instead where that is smaller (down_proj)
   B, C               X'ᵀX' at half a GEMM and XᵀX' at a full one
   refine step        the factorized block forward and backward: six products per linear, SDPA forward
                      and backward
@@ -159,7 +160,12 @@ def measure_products(config, linears: dict, groups: list, ratio: float, batch: i
         torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True).sum(), (q, k, v))
 
     group_widths = [linears[g[0]][1] for g in groups]
-    dense, factorized, train, covariance = [], [], [], []  # (a, b) pairs: a @ b
+    svd_llm = solvers.get_method("svd-llm")
+    # svd-llm's statistic per group: XᵀX, or each linear's output YᵀY where those are smaller (down_proj)
+    single_widths = [w for g in groups for w in
+                     ([linears[name][0] for name in g] if solvers.output_statistics(svd_llm, [linears[name] for name in g])
+                      else [linears[g[0]][1]])]
+    dense, factorized, train, covariance, single = [], [], [], [], []  # (a, b) pairs: a @ b
     for name, (m, n) in linears.items():
         U, V = factors[name]
         x, dy, h = inputs[n], inputs[m], rand(tokens, ranks[name])  # h = x V, dh in the backward
@@ -168,6 +174,8 @@ def measure_products(config, linears: dict, groups: list, ratio: float, batch: i
         train += [(x, V), (h, U.T), (dy.T, h), (dy, U), (x.T, h), (h, V.T)]  # forward; dU, dh, dV, dx
     for n in group_widths:
         covariance.append((inputs[n].T, inputs[n]))
+    for n in single_widths:
+        single.append((inputs[n].T, inputs[n]))
 
     def gemms(pairs):
         """Time the products into preallocated outputs: allocation is an overhead, not part of the floor."""
@@ -188,6 +196,8 @@ def measure_products(config, linears: dict, groups: list, ratio: float, batch: i
         Product("factorized linears", factorized_flop, gemms(factorized)),
         Product("attention (SDPA, causal)", sdpa_flop, attention_s),
         Product("A or B: XᵀX at half a GEMM", covariance_flop / 2, covariance_s / 2),
+        Product("svd-llm: XᵀX or outputs' YᵀY, half a GEMM", sum(tokens * n * n for n in single_widths),
+                gemms(single) / 2),
         Product("C: XᵀX'", covariance_flop, covariance_s),
         Product("refine: factorized linears fwd+bwd", 3 * factorized_flop, gemms(train)),
         Product("refine: attention fwd+bwd", 3 * sdpa_flop, best_seconds(sdpa_train, reps, device)),
@@ -202,7 +212,7 @@ def floors(products: dict[str, Product], depth: int, batches: int, refine_passes
     refine_pass = s["refine: factorized linears fwd+bwd"] + s["refine: attention fwd+bwd"]
     aa_svd = dense + factorized + s["A or B: XᵀX at half a GEMM"] + s["C: XᵀX'"]
     return {
-        "svd-llm": dense + s["A or B: XᵀX at half a GEMM"],
+        "svd-llm": dense + s["svd-llm: XᵀX or outputs' YᵀY, half a GEMM"],
         "aa-svd": aa_svd,
         "aa-svd+refine": aa_svd + refine_passes * refine_pass + factorized,
     }

@@ -317,6 +317,17 @@ def covariance_accumulate(A: Optional[torch.Tensor], X: torch.Tensor, B: Optiona
     torch.ops.lowrank_engine.covariance_accumulate_pair(A, B, C, X, Xp, weight)
 
 
+def cross_covariance_accumulate(acc: torch.Tensor, Y: torch.Tensor, X: torch.Tensor) -> None:
+    """acc += YᵀX (fp32) for Y [..., m] and X [..., n] over the same tokens: one GEMM, so no kernel of
+    its own (the anchored target W·C = YᵀX' of a linear whose output Y is narrower than its input)."""
+    if acc.dtype != torch.float32 or acc.shape != (Y.shape[-1], X.shape[-1]):
+        raise ValueError(f"cross covariance: accumulator must be float32 {Y.shape[-1]}×{X.shape[-1]}, "
+                         f"got {tuple(acc.shape)} {acc.dtype}")
+    if _as_rows(Y).shape[0] != _as_rows(X).shape[0]:
+        raise ValueError(f"cross covariance: Y {tuple(Y.shape)} and X {tuple(X.shape)} differ in tokens")
+    acc.addmm_(_as_rows(Y).float().T, _as_rows(X).float())
+
+
 # --------------------------------------------------------------------------------------
 # low-rank linear: y = (x V) Uᵀ + bias, and the grouped form sharing one shrink
 # --------------------------------------------------------------------------------------

@@ -649,12 +649,19 @@ class Compressor:
 
     # -- statistics ----------------------------------------------------------------------
     def _accumulate(self, group: list[str], dense_inputs: list, comp: nn.Module, xp_stream: list, kwargs: list,
-                    index: int, needs: frozenset, settled: Optional[SettledOutputs]) -> solvers.GroupStatistics:
+                    index: int, needs: frozenset, settled: Optional[SettledOutputs],
+                    dense_outputs: Optional[dict] = None) -> solvers.GroupStatistics:
+        """The group's two-stream statistics: A, B, C from X and X', or B and the anchors W·C = YᵀX'
+        from X' and the kept dense outputs Y (`dense_outputs`: linear → stream)."""
         n = comp.get_submodule(group[0]).in_features
-        zeros = lambda: torch.zeros(n, n, dtype=torch.float32, device=self.device)  # noqa: E731
-        stats = solvers.GroupStatistics(A=zeros() if "A" in needs else None,
-                                        B=zeros() if needs & {"B", "C"} else None,
-                                        C=zeros() if "C" in needs else None)
+        zeros = lambda m=n: torch.zeros(m, n, dtype=torch.float32, device=self.device)  # noqa: E731
+        if dense_outputs is not None:
+            stats = solvers.GroupStatistics(B=zeros(), anchors={name: zeros(comp.get_submodule(name).out_features)
+                                                                for name in dense_outputs})
+        else:
+            stats = solvers.GroupStatistics(A=zeros() if "A" in needs else None,
+                                            B=zeros() if needs & {"B", "C"} else None,
+                                            C=zeros() if "C" in needs else None)
         where = f"block {index} {', '.join(group)}"
         for b, kw in enumerate(kwargs):
             x = dense_inputs[b].to(self.device) if dense_inputs is not None else None
@@ -671,7 +678,9 @@ class Compressor:
                 ops.covariance_accumulate(stats.B, xp)
             if stats.A is not None and stats.C is None:
                 ops.covariance_accumulate(stats.A, x)
-        distributed.all_reduce_sum_(stats.A, stats.B, stats.C)
+            for name, anchor in (stats.anchors or {}).items():
+                ops.cross_covariance_accumulate(anchor, dense_outputs[name][b].to(self.device), xp)
+        distributed.all_reduce_sum_(stats.A, stats.B, stats.C, *(stats.anchors or {}).values())
         return stats
 
     # -- one block -----------------------------------------------------------------------
@@ -692,7 +701,14 @@ class Compressor:
         # methods keep X to pair it with X' (C = XᵀX').
         with self._timed("statistics"):
             fold = not two_stream and bool(needs & {"A", "D"})  # single-stream: reduce X as it passes
-            dense_inputs = {g[0]: self.store.stream("in") for g in groups} if two_stream and needs & {"A", "C"} else {}
+            compressed = {g[0]: [n for n in g if ranks[n] is not None] for g in groups}
+            # two-stream groups whose linears are narrower than their input keep the dense outputs Y
+            # (for W·C = YᵀX'), the others their dense input X (for A and C)
+            anchored = {first: names for first, names in compressed.items() if two_stream and
+                        solvers.anchored_statistics(method, [tuple(linears[n].weight.shape) for n in names])}
+            dense_outputs = {first: {n: self.store.stream("out") for n in names} for first, names in anchored.items()}
+            dense_inputs = {g[0]: self.store.stream("in") for g in groups if g[0] not in anchored} \
+                if two_stream and needs & {"A", "C"} else {}
             single_stats = {g[0]: self._empty_single_stats(linears, [n for n in g if ranks[n] is not None])
                             for g in groups} if fold else {}
 
@@ -701,18 +717,21 @@ class Compressor:
                     self._fold(single_stats[first], args[0])
                     return
                 _check_finite(args[0], f"block {index} {first}")
-                if not fold:
+                if first in dense_inputs:
                     dense_inputs[first].append(args[0])
 
-            def keep_output(mod, args, out, stat):
-                ops.covariance_accumulate(stat, out if mod.bias is None else out - mod.bias)
+            def without_bias(mod, out):
+                return out if mod.bias is None else out - mod.bias
 
             handles = [dense.get_submodule(g[0]).register_forward_pre_hook(
                 lambda mod, args, first=g[0]: keep_input(mod, args, first))
-                for g in groups if fold or g[0] in dense_inputs]
+                for g in groups if fold or g[0] in dense_inputs or g[0] in dense_outputs]
             handles += [dense.get_submodule(name).register_forward_hook(
-                lambda mod, args, out, stat=stat: keep_output(mod, args, out, stat))
+                lambda mod, args, out, stat=stat: ops.covariance_accumulate(stat, without_bias(mod, out)))
                 for st in single_stats.values() for name, stat in (st.outputs or {}).items()]
+            handles += [dense.get_submodule(name).register_forward_hook(
+                lambda mod, args, out, kept=kept: kept.append(without_bias(mod, out)))
+                for outputs in dense_outputs.values() for name, kept in outputs.items()]
             try:
                 x_next = self._propagate(dense, x_stream, kwargs)
             finally:
@@ -772,9 +791,11 @@ class Compressor:
                     continue
                 with self._timed("statistics"):
                     stats = self._accumulate(group, dense_inputs.get(group[0]), comp, xp_stream, kwargs, index, needs,
-                                             settled)
+                                             settled, dense_outputs.get(group[0]))
                 if group[0] in dense_inputs:
                     dense_inputs.pop(group[0]).release()
+                for kept in dense_outputs.pop(group[0], {}).values():
+                    kept.release()
                 mine = groups.index(group) % self.world == self.rank
                 install(group, solve(group, stats) if mine else None)
                 if settled:

@@ -254,6 +254,55 @@ def output_side(method: "Method", shapes) -> bool:
     return (c.c, c.d, c.e) == (c.a, 0, c.b) and all(m <= n for m, n in shapes)
 
 
+def anchored_output_side(method: "Method", shapes) -> bool:
+    """Whether a two-stream group (H = b·B, P = W·(d·C + e·B), no A: aa-svd) is solved by
+    solve_anchored_output: every linear is shorter than its input (down_proj), so one n×n Cholesky
+    and an m×m eigh per linear replace the n×n eigh of the whitening (SmolLM2: 1536² → 576²;
+    LLaMA-70B: 28672² → 8192²)."""
+    c = method.coefficients
+    if c is None or method.adaptive_beta or method.residual or method.diagonal:
+        return False
+    return c.a == 0 and c.c == 0 and c.b != 0 and bool(shapes) and all(m < n for m, n in shapes)
+
+
+def largest_eigenvalue(H: torch.Tensor, iterations: int = 30) -> float:
+    """λ_max of a symmetric PSD matrix by power iteration: a covariance's top eigenvalue stands far
+    above the rest, so a few dozen n² products suffice."""
+    v = torch.ones(H.shape[0], dtype=H.dtype, device=H.device)
+    value = 0.0
+    for _ in range(iterations):
+        w = H @ v
+        norm = float(w.norm())
+        if norm == 0 or not math.isfinite(norm):
+            return norm
+        value, v = norm / float(v.norm()), w / norm
+    return value
+
+
+def clamp_free_cholesky(H: torch.Tensor, eps_rel: float = 1e-6) -> Optional[torch.Tensor]:
+    """Lower Cholesky factor of H when the whitening's clamp (λ ≥ ε·λ_max) would leave every
+    eigenvalue as it is; None when some eigenvalue falls below ε·λ_max (dead channels, more
+    features than tokens), and only the clamped eigh whitening gives the same optimum. The
+    certificate is that H − ε·λ_max·I still has a Cholesky factor."""
+    top = largest_eigenvalue(H)
+    if not math.isfinite(top) or top <= 0:
+        return None
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    if int(torch.linalg.cholesky_ex(H - eps_rel * top * eye)[1]) != 0:
+        return None
+    L, info = torch.linalg.cholesky_ex(H)
+    return L if int(info) == 0 else None
+
+
+def solve_anchored_output(W: torch.Tensor, P: torch.Tensor, b: float, chol: torch.Tensor, rank: int) -> Factors:
+    """min tr(W'HW'ᵀ) − 2tr(W'Pᵀ), H = b·B, on the output side: the unconstrained optimum is
+    W* = P·H⁻¹, and the rank-k optimum W' = U_k·U_kᵀ·W* with U_k the top eigenvectors of
+    W*·H·W*ᵀ = P·W*ᵀ (m×m), whose eigenvalues are σ(P·L⁻ᵀ)², as in the whitened solve. `chol`
+    factors B (clamp_free_cholesky), so H⁻¹ = B⁻¹/b."""
+    W_star = torch.cholesky_solve(P.mT, chol).mT / b
+    return solve_output_gram(W_star, P @ W_star.mT, rank)
+
+
 def output_statistics(method: "Method", shapes) -> bool:
     """Whether a single-stream group is better served by each linear's output covariance YᵀY (m×m,
     Y = XWᵀ) than by the shared XᵀX (n×n). For H = a·A, P = W·H the output-side solve reads only
@@ -411,6 +460,7 @@ class GroupStatistics:
     D: Optional[torch.Tensor] = None  # per-input-channel Σ|x| (absmean) or max|x| (absmax), length n
     tokens: int = 0
     outputs: Optional[dict] = None  # linear → YᵀY (m×m), in place of A (output_statistics)
+    anchors: Optional[dict] = None  # linear → W·C = YᵀX' (m×n), in place of C (anchored_statistics)
 
     def accumulators(self) -> list[torch.Tensor]:
         """The single-stream sums being folded: A, D or the output covariances."""
@@ -433,6 +483,25 @@ def combine_metric(coeffs: Coefficients, stats: GroupStatistics) -> torch.Tensor
     return _combine(stats, ((coeffs.a, "A"), (coeffs.b, "B")))
 
 
+def anchored_statistics(method: Method, shapes) -> bool:
+    """Whether a two-stream group keeps each linear's W·C = YᵀX' (m×n, Y = XWᵀ the dense output)
+    instead of C = XᵀX' (n×n): the method reads C only through W·C and needs no A, and Σm < n, so
+    the product costs Σm·n per token instead of n², and the dense pass keeps the m-wide outputs
+    rather than the n-wide inputs (down_proj: 576 against 1536 on SmolLM2)."""
+    if method.residual or method.diagonal or "C" not in method.needs or "A" in method.needs:
+        return False
+    return bool(shapes) and sum(m for m, _ in shapes) < shapes[0][1]
+
+
+def _target(W: torch.Tensor, name: str, stats: GroupStatistics, coeffs: Coefficients) -> torch.Tensor:
+    """P = W·(c·A + d·C + e·B), with W·C read from the anchors when they were kept instead of C."""
+    if stats.anchors is None:
+        return W @ _combine(stats, ((coeffs.c, "A"), (coeffs.d, "C"), (coeffs.e, "B")))
+    rest = _combine(stats, ((coeffs.c, "A"), (coeffs.e, "B")))
+    P = coeffs.d * stats.anchors[name]
+    return P if rest is None else P + W @ rest
+
+
 RESIDUAL_SPLIT = 0.75  # ERC-SVD: share of each rank given to stage 1
 RESIDUAL_STAGE2 = "aa-svd"
 
@@ -453,12 +522,18 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
             raise ValueError(f"{method.name} cannot be solved from output covariances")
         return {name: solve_output_gram(W, coeffs.a * stats.outputs[name].to(dtype), ranks[name])
                 for name, W in Ws.items()}
-    stats = GroupStatistics(cast(stats.A), cast(stats.B), cast(stats.C))
+    stats = GroupStatistics(cast(stats.A), cast(stats.B), cast(stats.C),
+                            anchors=None if stats.anchors is None else {n: cast(t) for n, t in stats.anchors.items()})
     if method.coefficients is None and not method.adaptive_beta:
         return {name: solve(W, None, None, ranks[name]) for name, W in Ws.items()}
     if output_side(method, [tuple(W.shape) for W in Ws.values()]):
         H = combine_metric(coeffs, stats)
         return {name: solve_output_side(W, H, ranks[name]) for name, W in Ws.items()}
+    if whitening is None and anchored_output_side(method, [tuple(W.shape) for W in Ws.values()]):
+        chol = clamp_free_cholesky(stats.B, eps_rel)
+        if chol is not None:  # else the clamp acts: the whitened solve below
+            return {name: solve_anchored_output(W, _target(W, name, stats, coeffs), coeffs.b, chol, ranks[name])
+                    for name, W in Ws.items()}
     if whitening is not None:
         white = whitening
     else:
@@ -470,23 +545,25 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
     if method.adaptive_beta:
         if beta_search not in BETA_SEARCHES:
             raise ValueError(f"unknown beta search {beta_search!r}; choose one of {', '.join(BETA_SEARCHES)}")
-        BL, CL = stats.B @ white.L_inv_T, stats.C @ white.L_inv_T  # n×n products shared by the group
+        BL = stats.B @ white.L_inv_T  # n×n products shared by the group
+        CL = stats.C @ white.L_inv_T if stats.anchors is None else None
     else:
-        M = _combine(stats, ((coeffs.c, "A"), (coeffs.d, "C"), (coeffs.e, "B")))
+        M = _combine(stats, ((coeffs.c, "A"), (coeffs.d, "C"), (coeffs.e, "B"))) if stats.anchors is None else None
         # G = W·M·L⁻ᵀ: sharing M·L⁻ᵀ costs n³ + Σm·n², W·M first 2·Σm·n² (cheaper when Σm < n: down_proj)
-        ML = M @ white.L_inv_T if sum(W.shape[0] for W in Ws.values()) >= M.shape[0] else None
+        ML = M @ white.L_inv_T if M is not None and sum(W.shape[0] for W in Ws.values()) >= M.shape[0] else None
     out = {}
     for name, W in Ws.items():
         k = ranks[name]
         if method.adaptive_beta:
-            G0, G1 = W @ BL, W @ CL
+            G0 = W @ BL
+            G1 = W @ CL if CL is not None else stats.anchors[name] @ white.L_inv_T
             beta = BETA_SEARCHES[beta_search](G0, G1, k, beta_max=beta_max)
             # H = (1+β)B → L = √(1+β) L_B, so G = (G0 + βG1)/√(1+β) and V carries 1/√(1+β).
             scale = 1.0 / math.sqrt(1.0 + beta)
             f = factorize_whitened((G0 + beta * G1) * scale, white.L_inv_T * scale, k)
             f.beta = beta
         else:
-            G = W @ ML if ML is not None else (W @ M) @ white.L_inv_T
+            G = W @ ML if ML is not None else _target(W, name, stats, coeffs) @ white.L_inv_T
             if method.residual:
                 k1 = min(k, max(1, round(residual_split * k)))
                 f = factorize_whitened(G, white.L_inv_T, k1)

@@ -46,7 +46,9 @@ def test_quick_run_adds_the_products_it_timed(tmp_path):
     seconds = {name: p["ms"] * scale for name, p in products.items()}
     got = {f["method"]: f["floor_seconds"] for f in record["floors"]}
     dense = seconds["dense linears"] + seconds["attention (SDPA, causal)"]
-    assert got["svd-llm"] == pytest.approx(dense + seconds["A or B: XᵀX at half a GEMM"])
+    single = "svd-llm: XᵀX or outputs' YᵀY, half a GEMM"
+    assert products[single]["flop"] == tokens * (3 * 64 * 64 + 64 * 64)  # down_proj: its 64-wide output, not 160
+    assert got["svd-llm"] == pytest.approx(dense + seconds[single])
     factorized = seconds["factorized linears"] + seconds["attention (SDPA, causal)"]
     aa_svd = dense + factorized + seconds["A or B: XᵀX at half a GEMM"] + seconds["C: XᵀX'"]
     assert got["aa-svd"] == pytest.approx(aa_svd)

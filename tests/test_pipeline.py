@@ -382,3 +382,48 @@ def test_folded_statistics_catch_a_bad_activation_in_any_batch(method, where, ba
     with pytest.raises(pipeline.ActivationError, match=f"block 1 .*{where}"):
         pipeline.compress_model(model, ids, pipeline.CompressionConfig(method=method, ratio=0.3, batch_size=2),
                                 progress=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["aa-svd", "saes"])
+def test_anchored_statistics_give_the_full_cross_covariance_factors(kind, method, monkeypatch):
+    """Two-stream methods keep down_proj's 48-wide dense output and accumulate W·C = YᵀX' instead of
+    its 112-wide input and C = XᵀX'; the solves match the C path. Forcing every group onto anchors
+    covers Qwen2's biased q/k/v (the bias is not part of W·C). Layers are compared by their
+    truncation loss: this tiny model's o_proj has near-equal singular values at its rank, so fp32
+    rounding upstream turns its factors (not its loss) by a percent."""
+    ids = _ids()
+
+    def run(**patch):
+        for name, fn in patch.items():
+            monkeypatch.setattr(solvers, name, fn)
+        model = tiny_model(kind)
+        with torch.no_grad():
+            for lin in block_linears(model.model.layers[0]).values():
+                if lin.bias is not None:
+                    lin.bias.uniform_(-1, 1)
+        result = pipeline.compress_model(model, ids, pipeline.CompressionConfig(method=method, ratio=0.4,
+                                                                                 solve_dtype="float64"), progress=False)
+        return model, result
+
+    kept = []
+    cross = pipeline.ops.cross_covariance_accumulate
+    monkeypatch.setattr(pipeline.ops, "cross_covariance_accumulate",
+                        lambda acc, y, x: kept.append(tuple(acc.shape)) or cross(acc, y, x))
+    natural = run()
+    assert set(kept) == {(48, 112)}  # down_proj only
+    forced = run(anchored_statistics=lambda m, shapes: "C" in m.needs and "A" not in m.needs)
+    assert (24, 48) in kept  # k_proj, biased in Qwen2
+    by_c = run(anchored_statistics=lambda *a: False)
+    if method == "saes":  # ACES's β moves with rounding (at block 0, X' = X makes RER flat in β): compare outputs
+        with torch.no_grad():
+            dense = tiny_model(kind)(ids).logits
+            errors = [_rel_err(model(ids).logits, dense) for model, _ in (natural, forced, by_c)]
+        assert errors[0] == pytest.approx(errors[2], rel=0.05) and errors[1] == pytest.approx(errors[2], rel=0.05)
+        return
+    for _, result in (natural, forced):
+        for block, ref in zip(result.blocks, by_c[1].blocks):
+            scale = max(module["truncation_loss"] for module in ref.modules.values())
+            for name, module in ref.modules.items():
+                assert block.modules[name]["truncation_loss"] == pytest.approx(module["truncation_loss"], rel=2e-3,
+                                                                               abs=1e-4 * scale), (block.index, name)

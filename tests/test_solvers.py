@@ -318,3 +318,78 @@ def test_output_covariances_reach_the_input_side_optimum(outs, n, k):
         assert f.truncation_loss == pytest.approx(ref.truncation_loss, rel=1e-7, abs=1e-10)
     with pytest.raises(ValueError, match="output covariances"):
         solvers.solve_group(solvers.get_method("aa-svd"), Ws, ranks, solvers.GroupStatistics(outputs=outputs))
+
+
+def test_anchored_output_side_only_for_short_linears_without_a():
+    get = solvers.get_method
+    assert solvers.anchored_output_side(get("aa-svd"), [(5, 12), (7, 12)])
+    assert not solvers.anchored_output_side(get("aa-svd"), [(12, 12), (4, 12)])  # q's m×m eigh is no smaller
+    for name in ("svd-llm", "saes", "erc-svd", "asvd", "svd"):  # A in H or P, β search, residual, diagonal
+        assert not solvers.anchored_output_side(get(name), [(5, 12)])
+
+
+@pytest.mark.parametrize("outs,n,k", [((7,), 19, 3), ((5, 6), 23, 4)])
+def test_anchored_output_solve_reaches_the_whitened_optimum(outs, n, k, monkeypatch):
+    """aa-svd on a group of linears shorter than their input: Cholesky + m×m eigh gives the whitened
+    solve's factors, σ and objective (Σ_{i>k} σ² above the unconstrained optimum)."""
+    X = torch.randn(90, n, dtype=torch.float64) * torch.logspace(0, -1.5, n, dtype=torch.float64)
+    Xp = X + 0.2 * torch.randn(90, n, dtype=torch.float64)
+    stats = solvers.GroupStatistics(A=X.T @ X, B=Xp.T @ Xp, C=X.T @ Xp)
+    Ws = {f"w{i}": torch.randn(m, n, dtype=torch.float64) for i, m in enumerate(outs)}
+    ranks = {name: k for name in Ws}
+    method = solvers.get_method("aa-svd")
+    fast = solvers.solve_group(method, Ws, ranks, stats, eps_rel=1e-14)
+    cholesky = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **kw: pytest.fail("the whitened path ran Cholesky"))
+    monkeypatch.setattr(solvers, "anchored_output_side", lambda *a: False)
+    slow = solvers.solve_group(method, Ws, ranks, stats, eps_rel=1e-14)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", cholesky)
+    for name, W in Ws.items():
+        f, ref = fast[name], slow[name]
+        torch.testing.assert_close(f.U @ f.V.T, ref.U @ ref.V.T, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(f.sigma, ref.sigma[: f.sigma.numel()], rtol=1e-7, atol=1e-9 * float(ref.sigma[0]))
+        P = W @ stats.C
+        optimum = -float((ref.sigma[:k] ** 2).sum())
+        assert float(solvers.objective(f.U @ f.V.T, stats.B, P)) == pytest.approx(optimum, rel=1e-8)
+        torch.testing.assert_close(f.U.norm(dim=0), f.V.norm(dim=0))
+
+
+def test_anchored_output_solve_leaves_clamped_statistics_to_the_whitening():
+    """Where the whitening's clamp would act (a dead channel, fewer tokens than features) the Cholesky
+    path declines, and the clamped eigh solve runs: finite factors, the same clear error on zeros."""
+    n, k = 16, 3
+    Xp = torch.randn(6, n, dtype=torch.float64)  # 6 tokens, 16 features: B has rank 6
+    Xp[:, 4] = 0  # a dead channel
+    stats = solvers.GroupStatistics(B=Xp.T @ Xp, C=Xp.T @ Xp)
+    assert solvers.clamp_free_cholesky(stats.B) is None
+    assert solvers.clamp_free_cholesky(random_spd(n)) is not None
+    W = {"down": torch.randn(5, n, dtype=torch.float64)}
+    f = solvers.solve_group(solvers.get_method("aa-svd"), W, {"down": k}, stats)["down"]
+    assert torch.isfinite(f.U).all() and torch.isfinite(f.V).all()
+    # with X' = X the anchored optimum is SVD-LLM's: the output error on X is Σ_{i>k} σ²
+    err = float(((Xp @ W["down"].T - Xp @ (f.U @ f.V.T).T) ** 2).sum())
+    assert err == pytest.approx(f.truncation_loss, rel=1e-4, abs=1e-8)
+    zero = solvers.GroupStatistics(B=torch.zeros(n, n, dtype=torch.float64), C=torch.zeros(n, n, dtype=torch.float64))
+    with pytest.raises(ValueError, match="all zero"):
+        solvers.solve_group(solvers.get_method("aa-svd"), W, {"down": k}, zero)
+
+
+@pytest.mark.parametrize("method", ["aa-svd", "saes", "shift-aware"])
+@pytest.mark.parametrize("anchored_output", [True, False])
+def test_anchors_stand_in_for_the_cross_covariance(method, anchored_output, monkeypatch):
+    """Each linear's W·C (m×n) in place of C gives the same factors, on the whitened and the Cholesky path."""
+    n, outs, k = 21, (6, 5), 3
+    X = torch.randn(80, n, dtype=torch.float64)
+    Xp = X + 0.3 * torch.randn(80, n, dtype=torch.float64)
+    B, C = Xp.T @ Xp, X.T @ Xp
+    Ws = {f"w{i}": torch.randn(m, n, dtype=torch.float64) for i, m in enumerate(outs)}
+    ranks = {name: k for name in Ws}
+    if not anchored_output:
+        monkeypatch.setattr(solvers, "anchored_output_side", lambda *a: False)
+    get = solvers.get_method(method)
+    full = solvers.solve_group(get, Ws, ranks, solvers.GroupStatistics(B=B, C=C), eps_rel=1e-14)
+    anchors = {name: W @ C for name, W in Ws.items()}
+    kept = solvers.solve_group(get, Ws, ranks, solvers.GroupStatistics(B=B, anchors=anchors), eps_rel=1e-14)
+    for name in Ws:
+        torch.testing.assert_close(kept[name].U @ kept[name].V.T, full[name].U @ full[name].V.T, rtol=1e-8, atol=1e-10)
+        assert kept[name].beta == full[name].beta
