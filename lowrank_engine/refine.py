@@ -82,6 +82,16 @@ def balance_factors(block: nn.Module) -> None:
             module.V.div_(scale)
 
 
+def _adamw(params: list[nn.Parameter], cfg: RefineConfig) -> torch.optim.Optimizer:
+    """AdamW with its fused kernel where the device has one: the default per-tensor loop took 11 ms a
+    step on 2 CPU cores for a SmolLM2 block's 16 tensors, the fused step 1 ms (the best preset takes
+    192 steps per block)."""
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def learning_rate(step: int, total: int, cfg: RefineConfig) -> float:
     warm = math.ceil(cfg.warmup * total)
     if step < warm:
@@ -119,7 +129,7 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
     block.requires_grad_(False)  # gradients only for factors and norms
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _adamw(params, cfg)
     total = cfg.passes * len(steps)
     losses = []
     step = 0

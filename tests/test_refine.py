@@ -125,3 +125,24 @@ def test_slice_batch_cuts_per_window_tensors_and_shares_broadcast_ones():
     assert torch.equal(kw["attention_mask"], mask[1:]) and torch.equal(kw["position_ids"], pos[1:])
     assert kw["position_embeddings"][0] is cos and torch.equal(kw["cache_position"], torch.arange(3))
     assert kw["flag"] is True
+
+
+def test_fused_adamw_takes_the_reference_steps():
+    """The refinement's optimizer is AdamW's fused kernel on the CPU, and it moves the parameters as the
+    per-tensor AdamW does (odd shapes, fresh gradients every step)."""
+    cfg = refine.RefineConfig(lr=1e-2, weight_decay=0.01)
+    fused = [torch.nn.Parameter(torch.randn(37, 5)), torch.nn.Parameter(torch.randn(11))]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    start = [p.detach().clone() for p in fused]
+    opt = refine._adamw(fused, cfg)
+    assert opt.defaults.get("fused")
+    ref = torch.optim.AdamW(plain, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for _ in range(5):
+        for a, b in zip(fused, plain):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b, a0 in zip(fused, plain, start):
+        assert float((a.detach() - a0).abs().max()) > 1e-3  # it moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
