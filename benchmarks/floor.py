@@ -10,7 +10,7 @@ Products, per batch of `batch_size` windows, for every block:
   factorized fwd     the same with every linear a rank-k pair, (x V) Uᵀ, k at the uniform rank
   A                  XᵀX per distinct linear input, at half a GEMM (an ideal symmetric update); svd-llm
                      takes each linear's output YᵀY instead where that is smaller (down_proj)
-  B, C               X'ᵀX' at half a GEMM and XᵀX' at a full one
+  B, C               X'ᵀX' at half a GEMM and XᵀX' at a full one (for down_proj, W·C = YᵀX': m×n, not n×n)
   refine step        the factorized block forward and backward: six products per linear, SDPA forward
                      and backward
 
@@ -165,7 +165,12 @@ def measure_products(config, linears: dict, groups: list, ratio: float, batch: i
     single_widths = [w for g in groups for w in
                      ([linears[name][0] for name in g] if solvers.output_statistics(svd_llm, [linears[name] for name in g])
                       else [linears[g[0]][1]])]
-    dense, factorized, train, covariance, single = [], [], [], [], []  # (a, b) pairs: a @ b
+    aa_svd = solvers.get_method("aa-svd")
+    # aa-svd's cross statistic per group: C = XᵀX', or each linear's W·C = YᵀX' where Σm < n (down_proj)
+    cross = [(m, linears[g[0]][1]) for g in groups for m in
+             ([linears[name][0] for name in g] if solvers.anchored_statistics(aa_svd, [linears[name] for name in g])
+              else [linears[g[0]][1]])]
+    dense, factorized, train, covariance, single, anchors = [], [], [], [], [], []  # (a, b) pairs: a @ b
     for name, (m, n) in linears.items():
         U, V = factors[name]
         x, dy, h = inputs[n], inputs[m], rand(tokens, ranks[name])  # h = x V, dh in the backward
@@ -176,6 +181,8 @@ def measure_products(config, linears: dict, groups: list, ratio: float, batch: i
         covariance.append((inputs[n].T, inputs[n]))
     for n in single_widths:
         single.append((inputs[n].T, inputs[n]))
+    for m, n in cross:
+        anchors.append((inputs[m].T, inputs[n]))
 
     def gemms(pairs):
         """Time the products into preallocated outputs: allocation is an overhead, not part of the floor."""
@@ -198,7 +205,7 @@ def measure_products(config, linears: dict, groups: list, ratio: float, batch: i
         Product("A or B: XᵀX at half a GEMM", covariance_flop / 2, covariance_s / 2),
         Product("svd-llm: XᵀX or outputs' YᵀY, half a GEMM", sum(tokens * n * n for n in single_widths),
                 gemms(single) / 2),
-        Product("C: XᵀX'", covariance_flop, covariance_s),
+        Product("C: XᵀX', or W·C = YᵀX' (down_proj)", sum(2 * tokens * m * n for m, n in cross), gemms(anchors)),
         Product("refine: factorized linears fwd+bwd", 3 * factorized_flop, gemms(train)),
         Product("refine: attention fwd+bwd", 3 * sdpa_flop, best_seconds(sdpa_train, reps, device)),
     ]
@@ -210,7 +217,7 @@ def floors(products: dict[str, Product], depth: int, batches: int, refine_passes
     dense = s["dense linears"] + s["attention (SDPA, causal)"]
     factorized = s["factorized linears"] + s["attention (SDPA, causal)"]
     refine_pass = s["refine: factorized linears fwd+bwd"] + s["refine: attention fwd+bwd"]
-    aa_svd = dense + factorized + s["A or B: XᵀX at half a GEMM"] + s["C: XᵀX'"]
+    aa_svd = dense + factorized + s["A or B: XᵀX at half a GEMM"] + s["C: XᵀX', or W·C = YᵀX' (down_proj)"]
     return {
         "svd-llm": dense + s["svd-llm: XᵀX or outputs' YᵀY, half a GEMM"],
         "aa-svd": aa_svd,

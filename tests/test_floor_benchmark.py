@@ -41,7 +41,8 @@ def test_quick_run_adds_the_products_it_timed(tmp_path):
     tokens = record["batch_size"] * record["seqlen"]
     weights = 64 * 64 * 2 + 32 * 64 * 2 + 160 * 64 * 3
     assert products["dense linears"]["flop"] == 2 * tokens * weights
-    assert products["C: XᵀX'"]["flop"] == 2 * tokens * (3 * 64 * 64 + 160 * 160)
+    cross = "C: XᵀX', or W·C = YᵀX' (down_proj)"
+    assert products[cross]["flop"] == 2 * tokens * (3 * 64 * 64 + 64 * 160)  # down_proj: W·C is 64×160
     scale = record["blocks"] * record["nsamples"] // record["batch_size"] / 1e3
     seconds = {name: p["ms"] * scale for name, p in products.items()}
     got = {f["method"]: f["floor_seconds"] for f in record["floors"]}
@@ -50,7 +51,7 @@ def test_quick_run_adds_the_products_it_timed(tmp_path):
     assert products[single]["flop"] == tokens * (3 * 64 * 64 + 64 * 64)  # down_proj: its 64-wide output, not 160
     assert got["svd-llm"] == pytest.approx(dense + seconds[single])
     factorized = seconds["factorized linears"] + seconds["attention (SDPA, causal)"]
-    aa_svd = dense + factorized + seconds["A or B: XᵀX at half a GEMM"] + seconds["C: XᵀX'"]
+    aa_svd = dense + factorized + seconds["A or B: XᵀX at half a GEMM"] + seconds[cross]
     assert got["aa-svd"] == pytest.approx(aa_svd)
     refine_pass = seconds["refine: factorized linears fwd+bwd"] + seconds["refine: attention fwd+bwd"]
     assert got["aa-svd+refine (3 passes)"] == pytest.approx(aa_svd + 3 * refine_pass + factorized)
