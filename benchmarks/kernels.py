@@ -34,7 +34,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from lowrank_engine import kernels  # noqa: E402
+from lowrank_engine import kernels, report  # noqa: E402
 
 MODELS = {
     "LLaMA-2-7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -53,9 +53,7 @@ def rank_for(m: int, n: int, ratio: float) -> int:
 
 
 def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return "cpu"
+    return report.device_name("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------------------

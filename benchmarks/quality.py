@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -80,9 +81,9 @@ def parse_method(spec: str) -> tuple[str, str, bool, str, dict]:
 def device_name() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({os.cpu_count()} cores)"
+    from lowrank_engine.report import device_name as name
+
+    return name("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------------------
@@ -217,9 +218,12 @@ def write_outputs(args, records: list) -> None:
     write_json(flat, os.path.join(args.out_dir, "quality.json"))
     columns = ("method", "ratio", "refine_passes", "wikitext2_ppl", "c4_ppl", "peer_wikitext2_ppl", "peer_c4_ppl",
                "compress_seconds", "peer_compress_seconds", "peak_rss_mb")
+    devices = list(dict.fromkeys(r["device"] for r in flat if r.get("device"))) or ["?"]
+    if len(devices) > 1:  # seconds of different machines side by side: say which is which
+        columns = columns + ("device",)
     table = format_table(flat, columns)
     print("\n" + table)
-    device = flat[0]["device"] if flat else "?"
+    device = devices[0] if len(devices) == 1 else "see the device column"
     md = [f"# Quality: protocol {args.protocol}", "",
           f"Model {getattr(args, 'model_label', args.model)}; calibration C4 {args.nsamples}×{args.seqlen} (seed {args.seed}); "
           f"WikiText-2 {args.wikitext_windows} and C4 {args.c4_windows} windows of {args.eval_seqlen} tokens. "
@@ -229,7 +233,10 @@ def write_outputs(args, records: list) -> None:
           "best = the `best` preset (aa-svd, then refinement with one step per window at lr 1e-3). "
           "compress_seconds leaves out the error report of single-stream methods (their X' is propagated only "
           "to measure per-layer error; quality.json gives it as error_tracking_seconds). floor.md (benchmarks/floor.py) "
-          "times each method's matrix products alone on the same machine: the seconds no implementation goes below.",
+          "times each method's matrix products alone on the same machine: the seconds no implementation goes below."
+          + (" Records whose device names no CPU model predate it: they were timed on more than one 2-core VM "
+             "(the same GEMMs ran 2.1× apart on them), so their compress_seconds compare only roughly."
+             if any(re.fullmatch(r"cpu \(\d+ cores\)", d) for d in devices) else ""),
           "", format_table(flat, columns, markdown=True), ""]
     if args.blocks:
         md[2:2] = [f"**A model cut to its first {args.blocks} blocks**: a smoke test that every row runs. The final "

@@ -37,11 +37,9 @@ H100 = {"gemm_tflops": 400.0, "eigh4096_s": 0.4}
 
 
 def device_name(device: str) -> str:
-    import torch
+    from lowrank_engine.report import device_name as name
 
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores)"
+    return name(device)
 
 
 # --------------------------------------------------------------------------------------

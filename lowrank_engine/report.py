@@ -7,6 +7,31 @@ import os
 from typing import Iterable, Sequence
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), or "" where the OS does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
+def device_name(device: str = "cpu") -> str:
+    """What benchmark records say they ran on. A CPU names its model as well as its cores: two
+    2-core VMs have timed the same GEMMs 2.1× apart, so records of different CPUs must not pair."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = cpu_model()
+    return f"cpu ({os.cpu_count()} cores{', ' + model if model else ''})"
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"

@@ -54,3 +54,35 @@ def test_truncated_checkpoint_keeps_the_first_blocks_and_runs_like_them(tiny_che
         torch.testing.assert_close(cut(ids).logits, full(ids).logits, rtol=0, atol=0)
     with pytest.raises(SystemExit, match="--blocks"):
         _quality().truncated_checkpoint(source, 99, str(tmp_path / "bad"))
+
+
+def test_cpu_device_names_say_which_cpu(monkeypatch):
+    monkeypatch.setattr(report, "cpu_model", lambda: "Test CPU 9000")
+    assert report.device_name("cpu") == f"cpu ({os.cpu_count()} cores, Test CPU 9000)"
+    monkeypatch.setattr(report, "cpu_model", lambda: "")
+    assert report.device_name("cpu") == f"cpu ({os.cpu_count()} cores)"
+
+
+def _write_table(tmp_path, devices):
+    import argparse
+
+    quality = _quality()
+    args = argparse.Namespace(out_dir=str(tmp_path), protocol="p", model="m", nsamples=4, seqlen=8, seed=0,
+                              wikitext_windows=2, c4_windows=2, eval_seqlen=8, blocks=None, refine_passes=3,
+                              plot_methods="svd-llm", plot_ratio=0.4)
+    records = [{"method": "svd-llm", "ratio": 0.4, "wikitext2_ppl": 10.0 + i, "c4_ppl": 20.0 + i,
+                "compress_seconds": 60.0 * (i + 1), "protocol": "p", "device": d} for i, d in enumerate(devices)]
+    quality.write_outputs(args, records)
+    return (tmp_path / "quality.md").read_text()
+
+
+def test_table_names_each_rows_machine_when_records_come_from_several(tmp_path):
+    mixed = _write_table(tmp_path, ["cpu (2 cores, AMD EPYC)", "cpu (2 cores, Intel Xeon)"])
+    header = next(line for line in mixed.splitlines() if line.startswith("| method"))
+    assert header.endswith("| device |")
+    assert "| cpu (2 cores, AMD EPYC) |" in mixed and "| cpu (2 cores, Intel Xeon) |" in mixed
+    assert "compare only roughly" not in mixed
+    one = _write_table(tmp_path, ["cpu (2 cores, AMD EPYC)"] * 2)
+    assert "device |" not in one and "Device: cpu (2 cores, AMD EPYC)." in one
+    unnamed = _write_table(tmp_path, ["cpu (2 cores)"])  # a record from before CPU models were recorded
+    assert "compare only roughly" in unnamed
