@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     import quality  # the protocol name and the peer's seconds live with the quality table
     import torch
 
-    from lowrank_engine import models
+    from lowrank_engine import models, report
 
     if args.quick:
         config, protocol = tiny_config(), "tiny-random-llama"
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     floor = floors(products, depth, batches, args.refine_passes)
 
     product_rows = [(p.name, p.flop, p.seconds * 1e3, p.flop / p.seconds / 1e9) for p in products.values()]
-    device = quality.device_name() if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    device = report.device_name(args.device)
     method_rows = []
     for method, seconds in floor.items():
         engine = engine_seconds(args.runs_dir, protocol, device, method, args.ratio, args.refine_passes)

@@ -36,17 +36,11 @@ TARGET = {"blocks": 80, "tokens": 256 * 2048}
 H100 = {"gemm_tflops": 400.0, "eigh4096_s": 0.4}
 
 
-def device_name(device: str) -> str:
-    from lowrank_engine.report import device_name as name
-
-    return name(device)
-
-
 # --------------------------------------------------------------------------------------
 # one configuration (child process)
 # --------------------------------------------------------------------------------------
 def run_one(args) -> dict:
-    from lowrank_engine import memory, models, pipeline  # first: sets the OpenMP wait before torch
+    from lowrank_engine import memory, models, pipeline, report  # first: sets the OpenMP wait before torch
 
     import torch
 
@@ -72,7 +66,7 @@ def run_one(args) -> dict:
     record.update(blocks=len(source.blocks), hidden=source.model.config.hidden_size,
                   intermediate=source.model.config.intermediate_size,
                   calibration=f"{spec['calibration']} {spec['nsamples']}x{spec['seqlen']}",
-                  device=device_name(spec["device"]), threads=torch.get_num_threads(),
+                  device=report.device_name(spec["device"]), threads=torch.get_num_threads(),
                   block_mb=round(source.block_bytes(0) / 2**20, 1),
                   planned_cpu_mb=round(plan.peak("cpu") / 2**20, 1),
                   planned_gpu_mb=round(plan.peak("cuda") / 2**20, 1) if spec["device"].startswith("cuda") else None)
