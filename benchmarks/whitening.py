@@ -18,7 +18,7 @@ import os
 import platform
 import time
 
-from lowrank_engine import ops  # first: it sets the OpenMP wait (GOMP_SPINCOUNT) before torch loads OpenMP
+from lowrank_engine import ops, report  # first: it sets the OpenMP wait (GOMP_SPINCOUNT) before torch loads OpenMP
 
 import torch
 
@@ -120,7 +120,7 @@ def bench_one(n: int, b: int, device: str, dtype: torch.dtype, reps: int) -> dic
     loop1_t = min(loop1_times) if loop1_times else None
     return {
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else report.cpu_model() or platform.machine(),
         "threads": torch.get_num_threads() if device == "cpu" else None,
         "dtype": str(dtype).replace("torch.", ""),
         "n": n,
