@@ -27,8 +27,9 @@ of a run is overhead, and whether a published time is reachable on this machine 
     python benchmarks/floor.py --model DIR --device cuda --nsamples 256 --seqlen 2048   # bf16 on a GPU
     python benchmarks/floor.py --quick            # a tiny random LLaMA: a smoke test of the script
 
-Engine seconds come from quality.py records of the same protocol and device; the peer's only on the
-CPU protocol it ran.
+Engine seconds come from quality.py records of the same protocol and device. The peer's come from
+peer_runs.json (its code timed by us, on the same protocol and device) and, on the CPU protocol, from
+the seconds the issue quotes for another machine.
 
 Writes floor.md and floor.json to --out-dir (default benchmarks/results).
 """
@@ -230,6 +231,8 @@ def engine_seconds(runs_dir: str, protocol: str, device: str, method: str, ratio
     for path in sorted(glob.glob(os.path.join(runs_dir, "*.json"))):
         with open(path) as f:
             rec = json.load(f)
+        if not isinstance(rec, dict):  # quality.json (the whole table) when --runs-dir is also --out-dir
+            continue
         passes = rec.get("refine_passes")
         if (rec.get("protocol") == protocol and rec.get("device") == device and rec.get("method") == method
                 and abs(rec.get("ratio", -1) - ratio) < 1e-9 and (passes is None or passes == refine_passes)):
@@ -250,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="the products' dtype (default float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--runs-dir", default=os.path.join(HERE, "results", "runs"),
                         help="quality.py's per-row records, for the engine's measured seconds")
+    parser.add_argument("--peer-runs-file", default=None,
+                        help="the peer's code timed on named machines (default benchmarks/results/peer_runs.json)")
     parser.add_argument("--out-dir", default=None, help="default benchmarks/results (results/quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="a tiny random LLaMA and 4×32 tokens")
     args = parser.parse_args(argv)
@@ -280,13 +285,16 @@ def main(argv=None) -> int:
 
     product_rows = [(p.name, p.flop, p.seconds * 1e3, p.flop / p.seconds / 1e9) for p in products.values()]
     device = report.device_name(args.device)
+    peer_runs = quality.load_peer_runs(args.peer_runs_file or quality.PEER_RUNS_FILE)
     method_rows = []
     for method, seconds in floor.items():
         engine = engine_seconds(args.runs_dir, protocol, device, method, args.ratio, args.refine_passes)
         peer_ran_here = protocol == quality.PROTOCOL and args.device == "cpu"  # the peer ran the CPU protocol
         peer = quality.PEER_SECONDS.get(method, {}).get(args.ratio) if peer_ran_here else None
+        passes = args.refine_passes if method == "aa-svd+refine" else None
+        here = quality.peer_run(peer_runs, protocol, device, method, args.ratio, passes)
         label = f"{method} ({args.refine_passes} passes)" if method == "aa-svd+refine" else method
-        method_rows.append((label, seconds, engine, peer))
+        method_rows.append((label, seconds, engine, here and here["compress_seconds"], peer))
 
     lines = [f"# Compute floor: {protocol}, ratio {args.ratio}, {device}, {torch.get_num_threads()} threads, {dtype}", "",
              f"{depth} blocks, {args.nsamples}×{args.seqlen} calibration tokens in batches of {args.batch_size}; "
@@ -295,13 +303,16 @@ def main(argv=None) -> int:
              "| product | GFLOP | ms | GFLOP/s |", "|---|---|---|---|"]
     lines += [f"| {name} | {flop / 1e9:.3g} | {ms:.3g} | {rate:.0f} |" for name, flop, ms, rate in product_rows]
     lines += ["", "Floors (the products alone, every block and batch) against measured runs:", "",
-              "| method | floor s | engine s | engine / floor | peer s | peer / floor |", "|---|---|---|---|---|---|"]
+              "| method | floor s | engine s | engine / floor | peer s, this machine | peer / floor | "
+              "peer s, issue's machine |", "|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    for label, seconds, engine, peer in method_rows:
+    for label, seconds, engine, here, peer in method_rows:
         lines.append(f"| {label} | {seconds:.1f} | {fmt(engine, '.1f')} | "
-                     f"{fmt(None if engine is None else engine / seconds, '.2f')} | {fmt(peer, '')} | "
-                     f"{fmt(None if peer is None else peer / seconds, '.2f')} |")
-    lines += ["", "A ratio below 1 is faster than this machine ran the method's matrix products alone."]
+                     f"{fmt(None if engine is None else engine / seconds, '.2f')} | {fmt(here, '.1f')} | "
+                     f"{fmt(None if here is None else here / seconds, '.2f')} | {fmt(peer, '')} |")
+    lines += ["", "A ratio below 1 is faster than this machine ran the method's matrix products alone. "
+              "\"peer s, this machine\": the published AA-SVD code timed on this machine (peer_runs.json); "
+              "\"issue's machine\": the seconds the issue quotes for it, from another 2-core machine."]
     text = "\n".join(lines) + "\n"
     print(text)
 
@@ -310,7 +321,8 @@ def main(argv=None) -> int:
               "blocks": depth, "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
               "refine_passes": args.refine_passes,
               "products": [dict(zip(("name", "flop", "ms", "gflop_per_s"), row)) for row in product_rows],
-              "floors": [dict(zip(("method", "floor_seconds", "engine_seconds", "peer_seconds"), row))
+              "floors": [dict(zip(("method", "floor_seconds", "engine_seconds", "peer_seconds_this_machine",
+                                   "peer_seconds"), row))
                          for row in method_rows]}
     with open(os.path.join(out_dir, "floor.md"), "w") as f:
         f.write(text)

@@ -55,7 +55,35 @@ def test_quick_run_adds_the_products_it_timed(tmp_path):
     assert got["aa-svd"] == pytest.approx(aa_svd)
     refine_pass = seconds["refine: factorized linears fwd+bwd"] + seconds["refine: attention fwd+bwd"]
     assert got["aa-svd+refine (3 passes)"] == pytest.approx(aa_svd + 3 * refine_pass + factorized)
-    assert all(f["engine_seconds"] is None and f["peer_seconds"] is None for f in record["floors"])
+    assert all(f["engine_seconds"] is None and f["peer_seconds"] is None and f["peer_seconds_this_machine"] is None
+               for f in record["floors"])
+
+
+def test_peer_seconds_of_this_machine_come_from_its_own_runs(tmp_path):
+    floor = load_floor()
+    from lowrank_engine import report
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    here, elsewhere = report.device_name("cpu"), "cpu (2 cores, Other CPU)"
+    peer_runs = [{"protocol": "tiny-random-llama", "device": here, "method": "svd-llm", "ratio": 0.4,
+                  "refine_passes": None, "compress_seconds": 7.5},
+                 {"protocol": "tiny-random-llama", "device": elsewhere, "method": "aa-svd", "ratio": 0.4,
+                  "refine_passes": None, "compress_seconds": 9.0},
+                 {"protocol": "tiny-random-llama", "device": here, "method": "aa-svd+refine", "ratio": 0.4,
+                  "refine_passes": 25, "compress_seconds": 99.0}]  # not the 3 passes floor.py counts
+    (tmp_path / "peer_runs.json").write_text(json.dumps(peer_runs))
+    out = tmp_path / "out"
+    assert floor.main(["--quick", "--out-dir", str(out), "--runs-dir", str(runs),
+                       "--peer-runs-file", str(tmp_path / "peer_runs.json")]) == 0
+    got = {f["method"]: f["peer_seconds_this_machine"] for f in json.loads((out / "floor.json").read_text())["floors"]}
+    assert got == {"svd-llm": 7.5, "aa-svd": None, "aa-svd+refine (3 passes)": None}
+    assert "| 7.5 |" in (out / "floor.md").read_text()
+    quality = sys.modules["quality"]  # floor.py imports it from benchmarks/
+    (tmp_path / "bad.json").write_text(json.dumps({"method": "svd-llm"}))
+    with pytest.raises(ValueError, match="list of records"):
+        quality.load_peer_runs(str(tmp_path / "bad.json"))
+    assert quality.load_peer_runs(str(tmp_path / "missing.json")) == []
 
 
 def test_engine_seconds_read_from_matching_record_only(tmp_path):
@@ -66,6 +94,7 @@ def test_engine_seconds_read_from_matching_record_only(tmp_path):
         (tmp_path / f"r{i}.json").write_text(json.dumps({"protocol": "p", "method": method, "ratio": ratio,
                                                          "refine_passes": passes, "compress_seconds": seconds,
                                                          "device": device}))
+    (tmp_path / "quality.json").write_text(json.dumps([{"method": "svd-llm"}]))  # the table, when --out-dir is here too
     cpu = "cpu (2 cores)"
     assert floor.engine_seconds(str(tmp_path), "p", cpu, "aa-svd+refine", 0.4, 25) == 4325.0
     assert floor.engine_seconds(str(tmp_path), "p", cpu, "aa-svd+refine", 0.4, 3) == 886.7

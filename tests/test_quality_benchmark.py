@@ -63,13 +63,13 @@ def test_cpu_device_names_say_which_cpu(monkeypatch):
     assert report.device_name("cpu") == f"cpu ({os.cpu_count()} cores)"
 
 
-def _write_table(tmp_path, devices):
+def _write_table(tmp_path, devices, peer_runs=None):
     import argparse
 
     quality = _quality()
     args = argparse.Namespace(out_dir=str(tmp_path), protocol="p", model="m", nsamples=4, seqlen=8, seed=0,
                               wikitext_windows=2, c4_windows=2, eval_seqlen=8, blocks=None, refine_passes=3,
-                              plot_methods="svd-llm", plot_ratio=0.4)
+                              plot_methods="svd-llm", plot_ratio=0.4, peer_runs=peer_runs)
     records = [{"method": "svd-llm", "ratio": 0.4, "wikitext2_ppl": 10.0 + i, "c4_ppl": 20.0 + i,
                 "compress_seconds": 60.0 * (i + 1), "protocol": "p", "device": d} for i, d in enumerate(devices)]
     quality.write_outputs(args, records)
@@ -86,3 +86,20 @@ def test_table_names_each_rows_machine_when_records_come_from_several(tmp_path):
     assert "device |" not in one and "Device: cpu (2 cores, AMD EPYC)." in one
     unnamed = _write_table(tmp_path, ["cpu (2 cores)"])  # a record from before CPU models were recorded
     assert "compare only roughly" in unnamed
+
+
+def test_side_by_side_table_pairs_only_peer_runs_of_the_same_machine(tmp_path):
+    amd, intel = "cpu (2 cores, AMD EPYC)", "cpu (2 cores, Intel Xeon)"
+    peer = {"protocol": "p", "method": "svd-llm", "ratio": 0.4, "refine_passes": None, "wikitext2_ppl": 11.0,
+            "c4_ppl": 21.0}
+    # engine rows: 60 s on AMD, 120 s on Intel; the peer ran only on Intel (240 s) and on a third machine
+    text = _write_table(tmp_path, [amd, intel], peer_runs=[{**peer, "device": intel, "compress_seconds": 240.0},
+                                                            {**peer, "device": "gpu", "compress_seconds": 1.0}])
+    section = text.split("## Side by side", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| svd-llm")]
+    assert len(rows) == 1 and intel in rows[0]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[3:5] + cells[6:7] == ["120.00", "240.00", "2.00"]  # engine s, peer s, speedup
+    other_passes = [{**peer, "device": intel, "compress_seconds": 240.0, "refine_passes": 25}]
+    assert "## Side by side" not in _write_table(tmp_path, [intel], peer_runs=other_passes)
+    assert "## Side by side" not in _write_table(tmp_path, [intel])
