@@ -228,16 +228,15 @@ def floors(products: dict[str, Product], depth: int, batches: int, refine_passes
 
 def engine_seconds(runs_dir: str, protocol: str, device: str, method: str, ratio: float, refine_passes: int):
     """The compression seconds of quality.py's record for this row on this device, or None."""
-    for path in sorted(glob.glob(os.path.join(runs_dir, "*.json"))):
-        with open(path) as f:
-            rec = json.load(f)
-        if not isinstance(rec, dict):  # quality.json (the whole table) when --runs-dir is also --out-dir
-            continue
-        passes = rec.get("refine_passes")
-        if (rec.get("protocol") == protocol and rec.get("device") == device and rec.get("method") == method
-                and abs(rec.get("ratio", -1) - ratio) < 1e-9 and (passes is None or passes == refine_passes)):
-            return rec.get("compress_seconds")
-    return None
+    import quality
+
+    def records():
+        for path in sorted(glob.glob(os.path.join(runs_dir, "*.json"))):
+            with open(path) as f:
+                yield json.load(f)
+
+    rec = quality.find_record(records(), protocol, device, method, ratio, refine_passes)
+    return None if rec is None else rec.get("compress_seconds")
 
 
 def main(argv=None) -> int:
@@ -291,8 +290,7 @@ def main(argv=None) -> int:
         engine = engine_seconds(args.runs_dir, protocol, device, method, args.ratio, args.refine_passes)
         peer_ran_here = protocol == quality.PROTOCOL and args.device == "cpu"  # the peer ran the CPU protocol
         peer = quality.PEER_SECONDS.get(method, {}).get(args.ratio) if peer_ran_here else None
-        passes = args.refine_passes if method == "aa-svd+refine" else None
-        here = quality.peer_run(peer_runs, protocol, device, method, args.ratio, passes)
+        here = quality.find_record(peer_runs, protocol, device, method, args.ratio, args.refine_passes)
         label = f"{method} ({args.refine_passes} passes)" if method == "aa-svd+refine" else method
         method_rows.append((label, seconds, engine, here and here["compress_seconds"], peer))
 

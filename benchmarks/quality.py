@@ -214,11 +214,15 @@ def load_peer_runs(path: str = PEER_RUNS_FILE) -> list:
     return runs
 
 
-def peer_run(runs: list, protocol: str, device: str, method: str, ratio: float, refine_passes) -> dict | None:
-    """The peer's run of this row on this machine, or None."""
-    for r in runs:
+def find_record(records, protocol: str, device: str, method: str, ratio: float, refine_passes) -> dict | None:
+    """The record of this row on this machine, or None. A record without refine_passes (a method that
+    does not refine) matches any pass count; one with them matches only its own."""
+    for r in records:
+        if not isinstance(r, dict):  # quality.json (the whole table) when it shares the records' folder
+            continue
+        passes = r.get("refine_passes")
         if (r.get("protocol") == protocol and r.get("device") == device and r.get("method") == method
-                and abs(r.get("ratio", -1) - ratio) < 1e-9 and r.get("refine_passes") == refine_passes):
+                and abs(r.get("ratio", -1) - ratio) < 1e-9 and (passes is None or passes == refine_passes)):
             return r
     return None
 
@@ -227,7 +231,7 @@ def side_by_side(records: list, runs: list) -> list:
     """Rows that both the engine and the peer's code ran on the same machine."""
     rows = []
     for r in records:
-        peer = peer_run(runs, r.get("protocol"), r.get("device"), r["method"], r["ratio"], r.get("refine_passes"))
+        peer = find_record(runs, r.get("protocol"), r.get("device"), r["method"], r["ratio"], r.get("refine_passes"))
         if peer and r.get("compress_seconds"):
             rows.append({"method": r["method"], "ratio": r["ratio"], "refine_passes": r.get("refine_passes"),
                          "compress_seconds": r["compress_seconds"], "peer_compress_seconds": peer["compress_seconds"],
