@@ -34,7 +34,8 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from lowrank_engine import kernels, report  # noqa: E402
+from lowrank_engine import report  # noqa: E402
+from lowrank_engine import triton_kernels as kernels  # noqa: E402
 
 MODELS = {
     "LLaMA-2-7B": [(4096, 4096), (11008, 4096), (4096, 11008)],

@@ -9,7 +9,7 @@ Backends:
 - whitening: the C++ extension (``lowrank_engine._C``, loaded with ``torch.ops.load_library``)
   defines ``lowrank_engine::whiten`` / ``whiten_ex`` with ``TORCH_LIBRARY``; when it is
   missing, the same schema is defined here and served by the reference.
-- covariance / low-rank linear: Triton kernels from ``lowrank_engine.kernels`` on CUDA
+- covariance / low-rank linear: Triton kernels (``lowrank_engine.triton_kernels``) on CUDA
   tensors; the reference elsewhere. ``set_backend("triton")`` forces the kernels (used by
   the tests under ``TRITON_INTERPRET=1``), ``set_backend("reference")`` forbids them.
 """
@@ -58,9 +58,9 @@ def backend(name: str):
 
 
 def _triton_kernels():
-    """The Triton kernel package, or None when Triton is not importable."""
+    """The Triton kernel entry points, or None when Triton is not importable."""
     try:
-        from lowrank_engine import kernels
+        from lowrank_engine import triton_kernels as kernels
     except Exception as exc:  # noqa: BLE001 - a broken triton install must not break the engine
         logger.debug("Triton kernels unavailable: %s", exc)
         return None

@@ -15,7 +15,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lowrank_engine import kernels, ops  # noqa: E402
+from lowrank_engine import ops  # noqa: E402
+from lowrank_engine import triton_kernels as kernels  # noqa: E402
 
 cov_mod = importlib.import_module("lowrank_engine.kernels.covariance")
 ll_mod = importlib.import_module("lowrank_engine.kernels.lowrank_linear")

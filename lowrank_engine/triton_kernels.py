@@ -1,6 +1,11 @@
-"""Triton kernels, installed as lowrank_engine.kernels. Reached only through lowrank_engine.ops.
+"""Entry points to the Triton kernels of the top-level ``kernels/`` folder (installed as
+``lowrank_engine.kernels``). Reached only through lowrank_engine.ops.
 
-Importing this package never imports Triton: the kernel modules (``covariance``,
+``kernels/`` has no ``__init__.py`` on purpose: as a namespace package it never shadows an
+installed distribution named ``kernels`` (Hugging Face's hub kernels, which transformers imports)
+when Python runs from the repository root, where a regular package would win.
+
+Importing this module never imports Triton: the kernel modules (``covariance``,
 ``lowrank_linear``) are imported on first use. Triton decides at decoration time whether a
 kernel is compiled or interpreted, so ``TRITON_INTERPRET=1`` must be set before the first call.
 """
@@ -18,8 +23,11 @@ def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+KERNEL_PACKAGE = "lowrank_engine.kernels"
+
+
 def _kernel_module(name: str):
-    return importlib.import_module(f"{__name__}.{name}")
+    return importlib.import_module(f"{KERNEL_PACKAGE}.{name}")
 
 
 def triton_available() -> bool:
@@ -30,7 +38,7 @@ def triton_available() -> bool:
     except (ImportError, ValueError):
         return False
     # Kernels already built reflect the interpreter setting at their import time.
-    mod = sys.modules.get(f"{__name__}.lowrank_linear") or sys.modules.get(f"{__name__}.covariance")
+    mod = sys.modules.get(f"{KERNEL_PACKAGE}.lowrank_linear") or sys.modules.get(f"{KERNEL_PACKAGE}.covariance")
     interpreting = getattr(mod, "INTERPRET", None) if mod is not None else None
     if interpreting is None:
         interpreting = _interpret_requested()
@@ -56,7 +64,6 @@ def covariance_accumulate(A, B, C, X, Xp, weight) -> None:
     _kernel_module("covariance").covariance_accumulate(A, B, C, X, Xp, weight)
 
 
-# (named *_forward: importing the submodule lowrank_linear rebinds that attribute of the package)
 def lowrank_forward(x, V, U, bias):
     """y = (x V) Uᵀ + bias, x [..., n], V (n×k), U (m×k); output dtype x.dtype."""
     return _kernel_module("lowrank_linear").lowrank_linear(x, V, U, bias)
