@@ -164,6 +164,7 @@ def cmd_compress(args) -> int:
         print(f"checkpoint: {record['output']}")
     if args.json:
         report.write_json([record], args.json)
+    job.check_figures(record)
     return 0
 
 
@@ -192,6 +193,7 @@ def cmd_eval(args) -> int:
     job.print_summary([record])
     if args.json:
         report.write_json([record], args.json)
+    job.check_figures(record)
     return 0
 
 

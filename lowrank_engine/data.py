@@ -94,6 +94,19 @@ def read_text_file(path: str) -> str:
     return text
 
 
+def _hub_dataset(hub_id: str, *args, **kwargs):
+    """A data set from the Hugging Face hub; offline or unreachable gives one line naming the hub id
+    and the local alternative."""
+    try:
+        from datasets import load_dataset
+
+        return load_dataset(hub_id, *args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - offline, no network, no such data set: all the same to a user
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot load {hub_id} from the Hugging Face hub ({reason}); set LOWRANK_ENGINE_DATA to a "
+                        "local data directory instead (see the README for its layout)") from exc
+
+
 def _local(*parts: str) -> Optional[str]:
     root = data_dir()
     if root is None:
@@ -109,9 +122,7 @@ def c4_documents(start: int, stop: int) -> list[str]:
     if local:
         docs = _read_parquet_texts(local)
     else:  # the real hub path
-        from datasets import load_dataset
-
-        ds = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+        ds = _hub_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
                           split="validation")
         docs = ds["text"][:stop]
     if len(docs) < stop:
@@ -125,9 +136,7 @@ def wikitext2_test_text() -> str:
         with open(local, encoding="utf-8") as f:
             rows = json.load(f)
     else:
-        from datasets import load_dataset
-
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        rows = _hub_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
     return "\n\n".join(rows)
 
 
@@ -141,9 +150,7 @@ def wikitext2_train_text() -> str:
             return wikitext2_test_text()
         with open(path, encoding="utf-8") as f:
             return "\n\n".join(json.load(f))
-    from datasets import load_dataset
-
-    return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
+    return "\n\n".join(_hub_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
 
 
 # --------------------------------------------------------------------------------------
@@ -188,7 +195,10 @@ def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, b
         past = None
         for _ in range(seqlen - 1):
             step, past = models.decode_step(model, ids[:, -1:] if past is not None else ids, past)
-            probs = torch.softmax(step.logits[:, -1].float() / temperature, dim=-1).cpu()
+            logits = step.logits[:, -1].float()
+            if not bool(torch.isfinite(logits).all()):  # finite weights, yet the forward overflowed
+                raise DataError("NaN or Inf in the model's logits while sampling self-calibration text")
+            probs = torch.softmax(logits / temperature, dim=-1).cpu()
             nxt = torch.multinomial(probs, 1, generator=generator).to(device)
             ids = torch.cat([ids, nxt], dim=1)
         out.append(ids.cpu())

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from lowrank_engine import checkpoint, data, distributed, evaluation, models, pipeline, report
+from lowrank_engine import checkpoint, data, distributed, evaluation, models, pipeline, report, workdir
 
 logger = logging.getLogger("lowrank_engine")
 
@@ -184,9 +185,11 @@ def run_job(spec: JobSpec) -> dict:
     work_dir = os.path.abspath(output) + ".partial"
     if spec.save and os.path.exists(output):
         raise checkpoint.CheckpointError(f"output directory {output} already exists; remove it or choose another")
-    if spec.save and os.path.exists(work_dir) and not spec.resume:
-        raise checkpoint.CheckpointError(f"{work_dir} holds an interrupted run: pass --resume to continue it, "
-                                         "or remove it")
+    if spec.save and os.path.exists(work_dir):
+        workdir.check_not_busy(work_dir)  # a run still going there: refuse before any work
+        if not spec.resume:
+            raise checkpoint.CheckpointError(f"{work_dir} holds an interrupted run: pass --resume to continue it, "
+                                             "or remove it")
     rank_map = read_rank_map(spec.rank_map) if spec.rank_map else None
     path = models.resolve_model_path(spec.model)
     try:
@@ -199,6 +202,7 @@ def run_job(spec: JobSpec) -> dict:
     source = pipeline.LazyBlockSource(path, spec.trust_remote_code, keep_compressed=not spec.save)
     if spec.calibration == "self":  # sampling needs the whole dense model once, before compression starts
         dense, _ = models.load_model(path, trust_remote_code=spec.trust_remote_code)
+        models.check_finite_parameters(dense)  # else sampling fails far from the cause
         calib = data.load_calibration("self", tokenizer, spec.nsamples, spec.seqlen, spec.seed, model=dense.to(spec.device))
         del dense
     else:
@@ -222,17 +226,25 @@ def run_job(spec: JobSpec) -> dict:
                        lambda: models.load_model(path, trust_remote_code=spec.trust_remote_code)[0].to(spec.device))
     compressor.memory_plan(calib.input_ids)  # a budget that cannot hold one block fails before any output exists
     distributed.barrier()  # every rank has checked the output paths before any creates them
+    lock = workdir.WorkDirLock(work_dir)  # one process per output; rank 0 holds it for its peers
     if spec.save:
         os.makedirs(work_dir, exist_ok=True)
-    pipeline.reset_peak_rss()
-    result = compressor.run(calib.input_ids)
-    if distributed.rank() != 0:  # rank 0 assembles, evaluates and reports
-        return {"method": spec.method, "ratio": spec.ratio, "rank": distributed.rank()}
-    lowrank_config = checkpoint.build_lowrank_config(result.ranks, spec.method, spec.ratio, calib.describe(),
-                                                     {"beta_search": spec.beta_search, "base_model": spec.model})
+        if distributed.rank() == 0:
+            lock.acquire()
+    try:
+        pipeline.reset_peak_rss()
+        result = compressor.run(calib.input_ids)
+        if distributed.rank() != 0:  # rank 0 assembles, evaluates and reports
+            return {"method": spec.method, "ratio": spec.ratio, "rank": distributed.rank()}
+        lowrank_config = checkpoint.build_lowrank_config(result.ranks, spec.method, spec.ratio, calib.describe(),
+                                                         {"beta_search": spec.beta_search, "base_model": spec.model})
+        if spec.save:
+            checkpoint.assemble_checkpoint(work_dir, output, source.non_block_state(), config, tokenizer,
+                                           lowrank_config)
+            shutil.rmtree(work_dir, ignore_errors=True)
+    finally:
+        lock.release()
     if spec.save:
-        checkpoint.assemble_checkpoint(work_dir, output, source.non_block_state(), config, tokenizer, lowrank_config)
-        shutil.rmtree(work_dir, ignore_errors=True)
         del source
         model, _ = checkpoint.load(output, device=spec.device, trust_remote_code=spec.trust_remote_code)
     else:
@@ -263,6 +275,21 @@ def run_job(spec: JobSpec) -> dict:
                                      os.path.join(output, "layer_error.png"))
         record["output"] = output
     return record
+
+
+FIGURES = ("wikitext2_ppl", "c4_ppl", "kl", "top1_agreement")
+
+
+class EvaluationError(ValueError):
+    """An evaluation gave a NaN or Inf figure."""
+
+
+def check_figures(record: dict) -> None:
+    """A NaN or Inf figure is a failed evaluation, never a number to report."""
+    bad = [name for name in FIGURES if isinstance(record.get(name), float) and not math.isfinite(record[name])]
+    if bad:
+        raise EvaluationError(f"evaluation failed: {', '.join(f'{n} is {record[n]}' for n in bad)} "
+                              "(the model's outputs are not finite)")
 
 
 def print_summary(records: list, stream=None) -> str:

@@ -195,3 +195,10 @@ def count_parameters(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Raise naming the first weight that holds a NaN or Inf."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise ModelSourceError(f"NaN or Inf in the model's weights: {name}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank_engine import checkpoint, distributed, memory, ops, refine, solvers, streams
+from lowrank_engine import checkpoint, distributed, memory, ops, refine, solvers, streams, workdir
 from lowrank_engine.models import block_linears, find_decoder_blocks, set_submodule
 from lowrank_engine.modules import LowRankLinear
 
@@ -68,11 +67,6 @@ class CompressionConfig:
                                    warmup=self.refine_warmup, final_lr_ratio=self.refine_final_lr_ratio,
                                    clip=self.refine_clip, max_tokens=self.refine_tokens,
                                    micro_batch=self.refine_micro_batch)
-
-    def fingerprint(self) -> str:
-        relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "offload", "batch_size", "track_error",
-                                                                         "max_memory")}
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -481,6 +475,10 @@ class BlockSource:
     def drops_non_block_after_capture(self) -> bool:
         return False
 
+    def identity(self) -> str:
+        """The weights' identity, for the resume fingerprint."""
+        return workdir.tensors_identity(self.model.state_dict().items())
+
     def resident_bytes(self) -> int:
         """Bytes held for the whole run besides the current block: here, the in-memory model."""
         return sum(self.block_bytes(i) for i in range(len(self.blocks))) + self.non_block_bytes()
@@ -529,6 +527,10 @@ class LazyBlockSource(BlockSource):
     @property
     def drops_non_block_after_capture(self) -> bool:
         return not self.keep_compressed
+
+    def identity(self) -> str:
+        config = os.path.join(self.directory, "config.json")
+        return workdir.files_identity([*self.files.values(), *([config] if os.path.exists(config) else [])])
 
     def resident_bytes(self) -> int:
         """Compressed blocks kept in memory (for evaluation) accumulate; streamed ones go to disk."""
@@ -610,6 +612,9 @@ class Compressor:
             raise ValueError(f"residual split must be in (0, 1], got {cfg.residual_split}")
         if cfg.ratio is None and not cfg.rank_map:
             raise ValueError("give a ratio or a rank map")
+        if cfg.rank_map:  # before any output exists
+            validate_rank_map(cfg.rank_map, {f"{source.blocks_name}.{i}.{n}": m for i in range(len(source.blocks))
+                                             for n, m in block_linears(source.blocks[i]).items()})
         self.device = torch.device(cfg.device)
         self.offload = streams.normalize_offload(cfg.offload)
         self.store: Optional[streams.StreamStore] = None
@@ -936,10 +941,7 @@ class Compressor:
         self._say(plan.describe())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if cfg.rank_map:
-            validate_rank_map(cfg.rank_map, {f"{src.blocks_name}.{i}.{n}": m for i in range(len(src.blocks))
-                                             for n, m in block_linears(src.blocks[i]).items()})
-        done = self._resume_state()
+        done = self._resume_state(input_ids)
         spill = os.path.join(self.work_dir, "streams", f"rank{self.rank}") if self.work_dir else None
         self.store = streams.StreamStore(self.offload, self.device, spill)
         try:
@@ -1005,23 +1007,26 @@ class Compressor:
         return self._timed(stage)
 
     # -- resume --------------------------------------------------------------------------
-    def _resume_state(self) -> set:
+    def _resume_state(self, input_ids: torch.Tensor) -> set:
         if not self.work_dir:
             return set()
         # rank 0 alone reads the state, so every rank replays the same blocks (no shared-FS races)
-        done = self._read_progress() if self.rank == 0 else None
+        done = self._read_progress(input_ids) if self.rank == 0 else None
         return distributed.broadcast_object(done, src=0)
 
-    def _read_progress(self) -> set:
+    def _read_progress(self, input_ids: torch.Tensor) -> set:
+        fingerprint = workdir.run_fingerprint(self.cfg, input_ids, self.source.identity(), self.world)
         os.makedirs(os.path.join(self.work_dir, "blocks"), exist_ok=True)
         progress = os.path.join(self.work_dir, "progress.json")
         if os.path.exists(progress):
             with open(progress, encoding="utf-8") as f:
                 state = json.load(f)
-            if state.get("fingerprint") != self.cfg.fingerprint():
-                raise ValueError(f"{self.work_dir} holds a run with different settings; remove it to start over")
+            if state.get("fingerprint") != fingerprint:
+                raise ValueError(f"{self.work_dir} holds a run with different settings "
+                                 f"({workdir.describe_mismatch(state.get('fingerprint'), fingerprint)}); "
+                                 "rerun with the same ones, or remove it to start over")
             return {int(i) for i in state.get("done", []) if os.path.exists(self._block_file(int(i)))}
-        checkpoint.atomic_write_json({"fingerprint": self.cfg.fingerprint(), "done": []}, progress)
+        checkpoint.atomic_write_json({"fingerprint": fingerprint, "done": []}, progress)
         return set()
 
     def _write_block(self, index: int, comp: nn.Module, report: BlockReport) -> None:

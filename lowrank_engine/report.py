@@ -60,11 +60,22 @@ def format_table(records: Sequence[dict], columns: Sequence[str], markdown: bool
     return "\n".join([line, sep, *body])
 
 
+def finite_or_null(obj):
+    """JSON has no NaN or Inf: such floats become null (they mean "no valid figure")."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json(records: Iterable[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(list(records), f, indent=2)
+        json.dump(finite_or_null(list(records)), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_model, tiny_tokenizer
-from lowrank_engine import checkpoint, cli, memory, pipeline
+from lowrank_engine import checkpoint, cli, memory, pipeline, workdir
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_half_checkpoint_runs_in_fp32_on_cpu_and_is_written_in_its_dtype(bf16_ch
     cfg16 = pipeline.CompressionConfig(method="svd-llm", ratio=0.3, batch_size=2, compute_dtype="bfloat16")
     assert pipeline.Compressor(pipeline.LazyBlockSource(bf16_checkpoint), cfg16, progress=False).compute_dtype \
         == torch.bfloat16
-    assert cfg16.fingerprint() != cfg.fingerprint()
+    assert workdir.run_fingerprint(cfg16, _ids(), "m", 1) != workdir.run_fingerprint(cfg, _ids(), "m", 1)
 
 
 def test_memory_plan_counts_the_compute_dtype_and_the_output_side_solve(bf16_checkpoint):
