@@ -64,14 +64,17 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A saved tiny LLaMA (GQA) checkpoint with a tokenizer, plus a calibration text file."""
-    root = tmp_path_factory.mktemp("tiny")
-    model = tiny_model("llama", layers=2)
+def save_tiny_checkpoint(root, model):
+    """`root/model` (the model with a tokenizer) and `root/calib.txt`; returns root."""
     tokenizer = tiny_tokenizer()
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     (root / "calib.txt").write_text(SAMPLE_TEXT)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny LLaMA (GQA) checkpoint with a tokenizer, plus a calibration text file."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_model("llama", layers=2))

@@ -10,7 +10,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import save_tiny_checkpoint, tiny_model
 from lowrank_engine import cli, pipeline, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +55,19 @@ def test_hub_kernels_integration_imports_from_the_repository_root():
     assert not done.stdout.strip().startswith(ROOT + os.sep + "kernels"), done.stdout
 
 
+@pytest.mark.parametrize("folder", [".", "benchmarks", "tests"])
+def test_no_module_here_takes_an_installed_distributions_name(folder):
+    """`python -m`/`-c` from the root puts the root first on sys.path, `python benchmarks/x.py` puts
+    benchmarks/ there, pytest puts tests/ there: no regular module or package in them may carry the
+    import name of an installed distribution."""
+    installed = metadata.packages_distributions()
+    path = os.path.join(ROOT, folder)
+    names = {entry[:-3] for entry in os.listdir(path) if entry.endswith(".py")}
+    names |= {entry for entry in os.listdir(path) if os.path.isfile(os.path.join(path, entry, "__init__.py"))}
+    clashes = {name: installed[name] for name in names if name in installed and name != "lowrank_engine"}
+    assert not clashes, f"{folder}/ shadows installed distributions: {clashes}"
+
+
 def test_cli_as_a_module_from_the_repository_root(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     done = _from_root("-m", "lowrank_engine.cli", *map(str, _compress_args(tiny_checkpoint, out)))
@@ -84,17 +97,10 @@ def test_a_bad_rank_map_leaves_nothing_on_disk(tiny_checkpoint, tmp_path, capsys
 
 @pytest.fixture(scope="module")
 def nan_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nan")
     model = tiny_model("llama", layers=2)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
-    tokenizer = tiny_tokenizer()
-    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    from conftest import SAMPLE_TEXT
-    (root / "calib.txt").write_text(SAMPLE_TEXT)
-    return root
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("nan"), model)
 
 
 def test_nan_weights_are_named_with_self_calibration(nan_checkpoint, tmp_path, capsys):
@@ -167,13 +173,7 @@ def interrupted(tiny_checkpoint, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory):
     """The same architecture and tokenizer with other weights."""
-    root = tmp_path_factory.mktemp("other")
-    model = tiny_model("llama", layers=2, seed=7)
-    tokenizer = tiny_tokenizer()
-    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model"
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("other"), tiny_model("llama", layers=2, seed=7)) / "model"
 
 
 @pytest.mark.parametrize("flag,value,pattern", [
