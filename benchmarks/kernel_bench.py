@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -54,15 +55,15 @@ COV_SIZES = (4096, 8192, 14336, 28672)
 COV_TOKENS = 8192
 DECODE_MAX_M = 16
 E2E_RATIO = 0.4
-# Datasheet peak memory bandwidth (GB/s) by a substring of torch.cuda.get_device_name(), most specific first.
-PEAK_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("GH200", 4000.0), ("A100-SXM4-80GB", 2039.0),
+# Datasheet peak memory bandwidth (GB/s) by a word of torch.cuda.get_device_name(), most specific first.
+PEAK_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
              ("A100 80GB PCIe", 1935.0), ("A100", 1555.0), ("L40S", 864.0), ("A10G", 600.0), ("L4", 300.0))
 
 
 def peak_gbps_for(name: str):
     """The datasheet bandwidth of a GPU named `name`, or None when the table does not know it."""
     for key, gbps in PEAK_GBPS:
-        if key in name:
+        if re.search(rf"\b{re.escape(key)}\b", name):  # whole words: "GH200" is not an H200
             return gbps
     return None
 
