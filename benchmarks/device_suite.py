@@ -268,6 +268,8 @@ class Context:
             import torch
 
             env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())  # this GPU only
+        if step == "kernels":  # needs no extension, and must not map a _C.so that the build beside it rewrites
+            env["LOWRANK_ENGINE_NO_EXT"] = "1"
         if step == "tests" and not self.dry_run:
             # a missing extension fails its tests rather than skipping them; the kernels compile for real
             # here, so the ahead-of-time compile check has nothing to add
@@ -372,7 +374,18 @@ def to_markdown(summary) -> str:
     else:
         lines += ["**GPU paths not verified**: " + "; ".join(summary["not_verified_because"]) + ". "
                   "`ops.GPU_PATHS_VERIFIED` stays False.", ""]
-    lines += ["| step | status | seconds | cap | detail |", "|---|---|---|---|---|"]
+    lines += status_table(summary)
+    for r in summary["records"]:
+        if r.get("failed"):
+            lines += ["", f"Failed tests ({len(r['failed'])}):", ""] + [f"- `{name}`" for name in r["failed"][:60]]
+    for r in summary["records"]:
+        if r.get("error_tail"):
+            lines += ["", f"## {r['step']}: {r['status']}", "", "```", r["error_tail"].strip()[-ERROR_TAIL_CHARS:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def status_table(summary) -> list:
+    lines = ["| step | status | seconds | cap | detail |", "|---|---|---|---|---|"]
     for r in summary["records"]:
         detail = ""
         if r["step"] == "build" and r.get("extension") is not None:
@@ -392,13 +405,7 @@ def to_markdown(summary) -> str:
                                + (f", peak GPU {b['peak_gpu_mb'] / 1024:.1f} GiB" if b["peak_gpu_mb"] else "")
                                for b in r["records"])
         lines.append(f"| {r['step']} | {r['status']} | {r.get('seconds', 0):.1f} | {r['cap_s']:.0f} | {detail} |")
-    for r in summary["records"]:
-        if r.get("failed"):
-            lines += ["", f"Failed tests ({len(r['failed'])}):", ""] + [f"- `{name}`" for name in r["failed"][:60]]
-    for r in summary["records"]:
-        if r.get("error_tail"):
-            lines += ["", f"## {r['step']}: {r['status']}", "", "```", r["error_tail"].strip()[-ERROR_TAIL_CHARS:], "```"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
@@ -454,6 +461,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "device_suite.md"), "w") as f:
         f.write(md)
     print(md)
+    # last, so that a caller reading only the end of the output sees every step
+    print("\n".join([f"[device suite] {device_name}: wall {summary['wall_s']:.0f} s; GPU paths verified: "
+                     f"{'yes' if verified else 'no'}"] + status_table(summary)))
     return 0 if all(r["status"] == "passed" or r["status"].startswith("skipped") for r in records) else 1
 
 

@@ -135,7 +135,8 @@ def bench_one(n: int, b: int, device: str, dtype: torch.dtype, reps: int) -> dic
         "op_finite": _finite(op_out),
         "loop_finite": _finite(loop_out),
         "max_recon_diff_rel": _recon_diff(op_out, loop_out),
-        "backend": "extension" if ops.extension_info()["loaded"] else "pytorch-fallback",
+        # on CUDA tensors the op is the extension's only when it was built with its CUDA kernels
+        "backend": "extension" if ops.extension_info()["cuda" if device == "cuda" else "loaded"] else "pytorch-fallback",
         "torch": torch.__version__,
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
