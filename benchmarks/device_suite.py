@@ -80,7 +80,6 @@ class Child:
     def __init__(self, argv, env, log_path, deadline):
         self.argv, self.deadline, self.log_path = argv, deadline, log_path
         self.log = open(log_path, "w")
-        self.start = time.perf_counter()
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.timed_out = False
@@ -90,7 +89,10 @@ class Child:
         rc = self.proc.poll()
         if rc is None and time.perf_counter() > self.deadline:
             self.timed_out = True
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended just now
+                pass
             rc = self.proc.wait()
         if rc is not None and not self.log.closed:
             self.log.close()
@@ -139,11 +141,13 @@ def extension_found(output):
 
 
 def build_details(output):
-    plan = re.findall(r"^lowrank-engine: (building .*)$", output, flags=re.M)
+    plan = re.findall(r"^lowrank-engine: (building \S+ \(.*)$", output, flags=re.M)
     details = {"extension": extension_found(output), "plan": plan[-1] if plan else None}
     failure = re.findall(r"^lowrank-engine: (building \S+ failed .*|extension build failed .*)$", output, flags=re.M)
-    if failure:
-        details["build_error"] = failure[-1][-ERROR_TAIL_CHARS:]
+    if failure:  # setup.py logs the failure and goes on; the compiler's own error lines come much earlier
+        compiler = [line for line in output.splitlines()
+                    if re.search(r"\berror\b", line, flags=re.I) and not line.startswith("lowrank-engine:")]
+        details["build_error"] = "\n".join([failure[-1]] + compiler[:40])[-ERROR_TAIL_CHARS:]
     return details
 
 
@@ -311,8 +315,8 @@ def run_step(ctx, step, logs_dir, suite_deadline):
         record.update(build_details(output))
         ctx.extension = record.get("extension")
         if record["status"] == "passed" and ctx.gpu and not (ctx.extension or {}).get("cuda"):
-            record["status"] = "failed"  # built, but without its CUDA kernels: the GPU whitening is missing
-            record.setdefault("error_tail", output[-ERROR_TAIL_CHARS:])
+            record["status"] = "failed"  # no CUDA kernels in the extension: the GPU whitening is missing
+            record.setdefault("error_tail", record.get("build_error") or output[-ERROR_TAIL_CHARS:])
     if step == "tests":
         record.update(tests_details(output))
         if record["status"] == "passed" and not record["counts"].get("passed"):

@@ -90,3 +90,19 @@ def test_peak_bandwidth_by_device_name():
     assert bench.peak_gbps_for("NVIDIA H100 PCIe") == 2000
     assert bench.peak_gbps_for("NVIDIA GH200 480GB") is None  # not in the table, and not an H200
     assert bench.peak_gbps_for("cpu (2 cores)") is None
+
+
+def test_a_failed_build_keeps_the_compilers_error_lines():
+    log = "\n".join([
+        "lowrank-engine: building lowrank_engine._C (CPU+CUDA; torch 2.11.0+cu130)",
+        "[1/3] nvcc -c csrc/whitening_cuda.cu",
+        "csrc/whitening_cuda.cu(57): error: identifier \"cusolverDnXsyevBatched\" is undefined",
+        "csrc/whitening_cuda.cu(60): warning: unused variable",
+        "lowrank-engine: building lowrank_engine._C failed (Error compiling objects for extension); the PyTorch "
+        "fallback will be used",
+        'EXTENSION {"loaded": false, "path": null, "cuda": false}',
+    ])
+    details = suite.build_details(log)
+    assert details["extension"] == {"loaded": False, "path": None, "cuda": False}
+    assert details["plan"].startswith("building lowrank_engine._C (CPU+CUDA")
+    assert details["build_error"].splitlines() == [log.splitlines()[4][len("lowrank-engine: "):], log.splitlines()[2]]
