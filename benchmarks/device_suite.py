@@ -13,7 +13,9 @@ not stopping the others and its error kept:
               It runs beside `kernels`, which needs no extension: compiling is CPU work.
   kernels     kernel_bench.py in full mode (the roofline at the device's peak bandwidth), within its cap.
   tests       pytest -m gpu: kernels, ops and whitening on CUDA tensors against float64 references,
-              every autotune config, the pipeline on a tiny model on CUDA (LOWRANK_ENGINE_REQUIRE_EXT=1).
+              every autotune config, the pipeline on a tiny model on CUDA (LOWRANK_ENGINE_REQUIRE_EXT=1);
+              in 8 processes when pytest-xdist imports (--test-workers), since Triton compiles hundreds of
+              kernel variants on the CPU, and with Triton's cache in build/ for a rerun on the same machine.
   whitening   whitening.py's CUDA grid, as far as its cap goes.
   block       one LLaMA-70B-shaped bf16 block (scale.py 70b-l1) compressed with svd-llm and aa-svd at 0.4,
               --block-windows × 2048 calibration tokens: seconds per stage, peak GPU memory, and the
@@ -68,7 +70,12 @@ DRY_RUN_BLOCK_OVERRIDES = {"hidden_size": 64, "intermediate_size": 176, "num_att
 SERVING_SCRIPT = os.path.join(HERE, "serving.py")  # its md/json would take the results past 8 files: merge them
 ERROR_TAIL_CHARS = 4000
 LOG_TAIL_CHARS = 12000
-OUTCOME = re.compile(r"^(\S+::\S+?)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b(.*)$")
+# pytest -v lines: "NODEID OUTCOME ...", or with pytest-xdist "[gw3] [ 40%] OUTCOME NODEID"
+OUTCOME = re.compile(r"^(\S+::\S+?)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+OUTCOME_XDIST = re.compile(r"^\[gw\d+\]\s+\[\s*\d+%\]\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+::\S+)")
+# Test processes on a GPU machine when pytest-xdist is there: Triton compiles each kernel variant on the
+# CPU, one at a time per process, and the GPU tests need a few hundred of them.
+TEST_WORKERS = 8
 
 
 # --------------------------------------------------------------------------------------
@@ -171,15 +178,18 @@ def tests_commands(ctx):
     argv = [python(), "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider", *TEST_FILES]
     if ctx.dry_run:
         argv += ["-k", DRY_RUN_TEST_FILTER]
+    if ctx.test_workers > 1:
+        argv += ["-n", str(ctx.test_workers)]
     return [argv]
 
 
 def tests_details(output):
     outcomes = {}
     for line in output.splitlines():
-        m = OUTCOME.match(line.strip())
-        if m:
+        if m := OUTCOME.match(line.strip()):
             outcomes[m.group(1)] = m.group(2)
+        elif m := OUTCOME_XDIST.match(line.strip()):
+            outcomes[m.group(2)] = m.group(1)
     counts = {}
     for outcome in outcomes.values():
         counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
@@ -257,6 +267,9 @@ class Context:
     def __init__(self, args, device_name, gpu):
         self.dry_run, self.out, self.device_name, self.gpu = args.dry_run, args.out, device_name, gpu
         self.peak_gbps, self.block_windows = args.peak_gbps, args.block_windows
+        xdist = importlib.util.find_spec("xdist") is not None
+        self.test_workers = args.test_workers if args.test_workers is not None else (
+            TEST_WORKERS if xdist and not args.dry_run else 0)
         self.caps = dict(CAPS, **args.cap) if not args.dry_run else {s: args.cap.get(s, DRY_RUN_CAP_S) for s in STEPS}
         self.extension = None  # what the build step found
 
@@ -268,6 +281,8 @@ class Context:
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                    PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OUT=self.out,
                    TRITON_INTERPRET="1" if self.dry_run else "0")
+        if self.gpu:  # compiled kernels kept in the tree's ignored build/ folder, for a rerun on the same machine
+            env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
         if step == "build" and self.gpu and "TORCH_CUDA_ARCH_LIST" not in env:
             import torch
 
@@ -423,6 +438,9 @@ def main(argv=None) -> int:
     p.add_argument("--cap", type=lambda s: {k: float(v) for k, v in (kv.split("=") for kv in s.split(","))},
                    default={}, help="per-step caps in seconds, e.g. tests=120,block=150")
     p.add_argument("--budget-s", type=float, default=SUITE_BUDGET_S, help="the whole suite's wall time")
+    p.add_argument("--test-workers", type=int, default=None,
+                   help=f"pytest-xdist processes for the tests (default {TEST_WORKERS} on a GPU when xdist imports, "
+                        "else none; 0 turns them off)")
     args = p.parse_args(argv)
     steps = [s for s in STEPS if s in args.steps.split(",")]
     unknown = set(args.steps.split(",")) - set(STEPS)

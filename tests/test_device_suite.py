@@ -73,6 +73,18 @@ def test_test_outcomes_are_read_from_the_verbose_log():
     details = suite.tests_details(log)
     assert details["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
     assert details["failed"] == ["tests/test_kernels.py::test_d", "tests/test_ops.py::test_b[cuda-x]"]
+    xdist = "\n".join([  # pytest-xdist's -v lines
+        "8 workers [4 items]",
+        "[gw0] [ 25%] PASSED tests/test_ops.py::test_a[cuda] ",
+        "[gw1] [ 50%] FAILED tests/test_ops.py::test_b[cuda-x] ",
+        "[gw2] [ 75%] SKIPPED tests/test_kernels.py::test_c ",
+        "[gw0] [100%] PASSED tests/test_kernels.py::test_d ",
+        "SKIPPED [1] tests/test_kernels.py:517: LOWRANK_ENGINE_SKIP_AOT=1",
+        "FAILED tests/test_ops.py::test_b[cuda-x] - AssertionError",
+    ])
+    details = suite.tests_details(xdist)
+    assert details["counts"] == {"passed": 2, "failed": 1, "skipped": 1}
+    assert details["failed"] == ["tests/test_ops.py::test_b[cuda-x]"]
 
 
 @pytest.mark.parametrize("tests,kernels,verified", [("passed", "passed", True), ("failed", "passed", False),
