@@ -11,7 +11,7 @@ Backends (``LOWRANK_ENGINE_BACKEND``, or ``set_backend``):
   reference. On CPU tensors, the reference for covariance / low-rank linear and the extension's CPU
   whitening when it is built (``LOWRANK_ENGINE_NO_EXT=1`` turns the extension off).
 - ``accelerated``: the opt-in: on CUDA tensors the Triton kernels and the extension's CUDA whitening,
-  an error when either is missing; CPU tensors as ``auto``.
+  an error when either is missing (``auto`` falls back to the reference); CPU tensors as ``auto``.
 - ``triton``: the Triton kernels on every tensor, CPU ones through ``TRITON_INTERPRET=1`` (the tests);
   whitening as ``auto``.
 - ``reference``: the PyTorch reference for covariance / low-rank linear and for CUDA whitening; CPU
@@ -86,14 +86,15 @@ def _gpu_paths_wanted() -> bool:
 
 
 def _use_triton_on(device_type: str) -> bool:
-    if _backend == "reference":
+    asked = _backend == "triton" or (_backend == "accelerated" and device_type == "cuda")
+    if not (asked or (device_type == "cuda" and _gpu_paths_wanted())):
         return False
-    if _backend == "triton" or (device_type == "cuda" and _gpu_paths_wanted()):
-        if _triton_kernels() is None:
+    if _triton_kernels() is None:
+        if asked:
             raise RuntimeError(f"backend {_backend!r} runs the Triton kernels, but Triton cannot run here "
                                "(not installed, or no GPU and TRITON_INTERPRET unset)")
-        return True
-    return False
+        return False  # auto: the reference wherever Triton cannot run
+    return True
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -139,6 +140,8 @@ def _extension_whitens_on(device_type: str) -> bool:
     if not _gpu_paths_wanted():
         return False
     if not EXTENSION_HAS_CUDA:
+        if _backend == "auto":
+            return False  # the reference wherever the extension has no CUDA kernels
         raise RuntimeError(f"backend {_backend!r} runs the extension's CUDA whitening, but "
                            + ("the extension has no CUDA kernels (built without nvcc or a CUDA torch)"
                               if EXTENSION_PATH else "the C++ extension is not loaded"))

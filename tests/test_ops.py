@@ -185,6 +185,9 @@ def test_auto_keeps_cuda_tensors_on_the_reference_until_verified(monkeypatch, ke
         monkeypatch.setattr(ops, "GPU_PATHS_VERIFIED", True)  # the flip, once the suite has passed
         assert ops._use_triton_on("cuda") and ops._extension_whitens_on("cuda")
         assert ops.active_paths()["cuda"] == {"kernels": "Triton kernels", "whitening": "C++ extension"}
+        monkeypatch.setattr(ops, "EXTENSION_HAS_CUDA", False)  # auto falls back where a path is missing
+        monkeypatch.setattr(ops, "_triton_kernels", lambda: None)
+        assert not ops._use_triton_on("cuda") and not ops._extension_whitens_on("cuda")
 
 
 @pytest.mark.parametrize("verified", [False, True])
