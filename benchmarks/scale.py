@@ -213,7 +213,7 @@ def extrapolate_measured(record: dict) -> list[str]:
     token_stages = {"statistics", "propagate"}
     lines = [f"Measured on {record['device']}: one `{record['model']}` run, {record['method']} at ratio {record['ratio']}, "
              f"{record['calibration']} calibration tokens ({_tokens(record):,}"
-             + (f"; the target's {TARGET['tokens']:,} did not fit the time cap, so the token-proportional stages "
+             + (f", fewer than the target's {TARGET['tokens']:,} to fit a time cap: the token-proportional stages "
                 f"are scaled ×{scale:g}" if scale != 1 else ", the target") + "), "
              f"streams offload {record['offload']}, statistics on the ops backend `{record.get('ops_backend', '?')}`. "
              f"Peak GPU memory {record['peak_gpu_mb'] / 1024:.1f} GiB (at the measured token count).", "",
