@@ -4,15 +4,20 @@ Configurations (each in its own process, so each peak RSS is its own):
   smollm2      SmolLM2-135M (30 blocks, width 576)
   deep         a random model of SmolLM2's width, 4x deeper (120 blocks)
   70b-l2/l4    the synthetic LLaMA-70B-shaped checkpoint (benchmarks/synthetic_checkpoint.py), 2 and 4 blocks
+  70b-l1       one such block (benchmarks/device_suite.py times it on a GPU: --device cuda)
 
 Every run streams blocks from safetensors, writes each block's factors as it finishes, and
 records the planned and measured peak and the seconds per stage (load, statistics, whitening,
 solve, propagate, write). The table ends with the L=2 → L=4 peak growth and an extrapolation
-of the measured per-block stage times to an 80-block LLaMA-70B.
+of the measured per-block stage times to an 80-block LLaMA-70B: from the GPU records where there are
+any (their own measured rates), else from the CPU record through assumed GPU rates (H100 below).
+--method takes a comma-separated list; a row is one (model, method, device).
 
     python benchmarks/scale.py                          # all four (the 70B-shaped ones need ~16 GiB disk)
     python benchmarks/scale.py --configs smollm2,deep   # the quick part
     python benchmarks/scale.py --plan-only              # planned peaks only, no compression
+    python benchmarks/scale.py --configs 70b-l1 --device cuda --method svd-llm,aa-svd --big-seqlen 2048 \
+        --big-nsamples 64 --big-offload none --big-overrides '{"vocab_size": 4096}'   # one block on a GPU
 
 Writes scale.md and scale.json to --out-dir (default benchmarks/results).
 """
@@ -30,17 +35,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 STAGES = ("load", "statistics", "whitening", "solve", "propagate", "write")
 TARGET = {"blocks": 80, "tokens": 256 * 2048}
-# One H100, assumed (no GPU was lent to measure them): sustained bf16 GEMM for the forward passes
-# and the Triton covariance kernel (~40% of the 989 TFLOP/s dense peak), and cuSOLVER syevd on a
-# 4096² fp32 matrix. Per-stage times convert from the measured device by these ratios.
+# One H100, assumed, not measured: sustained bf16 GEMM for the forward passes and the Triton covariance
+# kernel (~40% of the 989 TFLOP/s dense peak), and cuSOLVER syevd on a 4096² fp32 matrix. Per-stage times
+# of a CPU record convert by these ratios; a GPU record (device_suite.py) needs none.
 H100 = {"gemm_tflops": 400.0, "eigh4096_s": 0.4}
+ORDER = ["smollm2", "deep", "70b-l1", "70b-l2", "70b-l4"]
+EXTRAPOLATED_FROM_CPU = ("70b-l2", "70b-l4")  # CPU records that extrapolate() converts by the rates above
 
 
 # --------------------------------------------------------------------------------------
 # one configuration (child process)
 # --------------------------------------------------------------------------------------
 def run_one(args) -> dict:
-    from lowrank_engine import memory, models, pipeline, report  # first: sets the OpenMP wait before torch
+    from lowrank_engine import memory, models, ops, pipeline, report  # first: sets the OpenMP wait before torch
 
     import torch
 
@@ -70,6 +77,8 @@ def run_one(args) -> dict:
                   block_mb=round(source.block_bytes(0) / 2**20, 1),
                   planned_cpu_mb=round(plan.peak("cpu") / 2**20, 1),
                   planned_gpu_mb=round(plan.peak("cuda") / 2**20, 1) if spec["device"].startswith("cuda") else None)
+    paths = ops.active_paths()["cuda" if spec["device"].startswith("cuda") else "cpu"]
+    record["ops_backend"] = f"{ops.get_backend()} (kernels: {paths['kernels']}; whitening: {paths['whitening']})"
     if spec["calibration"] == "random":  # the 70B-shaped target: one H100, 256×2048 tokens, streams in pinned memory
         h100 = memory.plan(source, compressor.method, device="cuda", offload="cpu", n_samples=TARGET["tokens"] // 2048,
                            seqlen=2048, batch_size=spec["batch_size"], solve_dtype=torch.float32, track_error=False,
@@ -77,7 +86,8 @@ def run_one(args) -> dict:
         record["planned_h100_gpu_mb"] = round(h100.peak("cuda") / 2**20, 1)
     if spec.get("plan_only"):
         return record
-    record.update(device_rates(spec["device"]))
+    if spec["device"].startswith("cuda") or spec["model"] in EXTRAPOLATED_FROM_CPU:  # seconds of a CPU's time
+        record.update(device_rates(spec["device"]))
     pipeline.reset_peak_rss()
     with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as work_dir:
         compressor.work_dir = work_dir  # factors and spilled streams go to disk, as `compress --offload disk`
@@ -131,9 +141,11 @@ def prepare(name: str, args) -> dict:
     layers = int(name.split("-l")[1])
     from synthetic_checkpoint import write_checkpoint
 
-    path = write_checkpoint(os.path.join(args.work_dir, f"llama70b-shaped-l{layers}"), layers)
+    rng_device = "cuda" if args.device.startswith("cuda") else "cpu"
+    path = write_checkpoint(os.path.join(args.work_dir, f"llama70b-shaped-l{layers}"), layers, device=rng_device,
+                            **args.big_overrides)
     return dict(base, path=path, calibration="random", nsamples=args.big_nsamples, seqlen=args.big_seqlen,
-                offload="disk", batch_size=min(args.batch_size, 4), solve_dtype=args.big_solve_dtype)
+                offload=args.big_offload, batch_size=args.big_batch_size, solve_dtype=args.big_solve_dtype)
 
 
 def deep_model(base: str, work_dir: str) -> str:
@@ -166,7 +178,8 @@ def extrapolate(record: dict) -> list[str]:
     lines = [f"Extrapolation from `{record['model']}` ({record['device']}, {record['calibration']} tokens) to "
              f"LLaMA-70B: {TARGET['blocks']} blocks, {TARGET['tokens']:,} calibration tokens (×{scale:.0f}). "
              f"Measured here: fp32 GEMM {record['gemm_fp32_gflops']:.0f} GFLOP/s, eigh 4096² "
-             f"{record['eigh4096_fp32_s']:.2f} s. Assumed for one H100 (not measured, no GPU was lent): "
+             f"{record['eigh4096_fp32_s']:.2f} s. Assumed for one H100 (nothing has run on a GPU: guessed rates, "
+             "not measurements): "
              f"GEMM {H100['gemm_tflops']:.0f} TFLOP/s (speed-up ×{gemm:,.0f}), eigh 4096² "
              f"{H100['eigh4096_s']} s (×{lapack:.0f}). Disk stages are kept as measured.", "",
              "| stage | scales with | measured s/block | at target here (s/block) | speed-up | H100 s/block | "
@@ -181,7 +194,7 @@ def extrapolate(record: dict) -> list[str]:
         lines.append(f"| {stage} | {kind} | {measured:.1f} | {measured:.1f} × {token_scale:.0f} = {at_target:,.0f} | "
                      f"×{speedup:,.0f} | {gpu:.1f} | {gpu * TARGET['blocks'] / 60:.1f} |")
     lines += ["", f"This device: {here:,.0f} s/block × {TARGET['blocks']} = {here * TARGET['blocks'] / 3600:,.1f} h. "
-              f"One H100: {h100:.1f} s/block × {TARGET['blocks']} = {h100 * TARGET['blocks'] / 60:.0f} min "
+              f"One H100 at the assumed rates: {h100:.1f} s/block × {TARGET['blocks']} = {h100 * TARGET['blocks'] / 60:.0f} min "
               f"(goal: under 60 min)."]
     if record.get("planned_h100_gpu_mb"):
         lines.append(f"Planned H100 peak (the engine's memory plan, bf16 blocks, fp32 statistics and solve, "
@@ -189,10 +202,39 @@ def extrapolate(record: dict) -> list[str]:
     return lines
 
 
+def on_gpu(record: dict) -> bool:
+    return not str(record.get("device", "cpu")).startswith("cpu")
+
+
+def extrapolate_measured(record: dict) -> list[str]:
+    """A GPU record's own per-block stage times → 80 blocks at 256×2048 tokens: the token-proportional
+    stages scale by the token ratio, the others stay as measured; no assumed rate enters."""
+    scale = TARGET["tokens"] / _tokens(record)
+    token_stages = {"statistics", "propagate"}
+    lines = [f"Measured on {record['device']}: one `{record['model']}` run, {record['method']} at ratio {record['ratio']}, "
+             f"{record['calibration']} calibration tokens ({_tokens(record):,}"
+             + (f", fewer than the target's {TARGET['tokens']:,} to fit a time cap: the token-proportional stages "
+                f"are scaled ×{scale:g}" if scale != 1 else ", the target") + "), "
+             f"streams offload {record['offload']}, statistics on the ops backend `{record.get('ops_backend', '?')}`. "
+             f"Peak GPU memory {record['peak_gpu_mb'] / 1024:.1f} GiB (at the measured token count).", "",
+             f"| stage | scales with | measured s/block | at {TARGET['tokens']:,} tokens (s/block) | "
+             f"{TARGET['blocks']} blocks (min) |", "|---|---|---|---|---|"]
+    total = 0.0
+    for stage in STAGES:
+        measured = record.get(f"{stage}_s_per_block") or 0.0
+        factor = scale if stage in token_stages else 1.0
+        total += measured * factor
+        lines.append(f"| {stage} | {'tokens' if stage in token_stages else 'weights'} | {measured:.2f} | "
+                     f"{measured * factor:.1f} | {measured * factor * TARGET['blocks'] / 60:.1f} |")
+    lines += ["", f"{record['method']} on {record['device']}: {total:.1f} s/block × {TARGET['blocks']} = "
+              f"{total * TARGET['blocks'] / 60:.0f} min (goal: under 60 min)."]
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="smollm2,deep,70b-l2,70b-l4")
-    p.add_argument("--method", default="svd-llm")
+    p.add_argument("--method", default="svd-llm", help="one method, or several separated by commas")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--offload", default="disk", choices=["none", "cpu", "disk"], help="for smollm2 and deep")
@@ -200,6 +242,11 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--big-nsamples", type=int, default=16, help="calibration windows (70B-shaped)")
     p.add_argument("--big-seqlen", type=int, default=256)
+    p.add_argument("--big-batch-size", type=int, default=4, help="windows per batch (70B-shaped)")
+    p.add_argument("--big-offload", default="disk", choices=["none", "cpu", "disk"], help="70B-shaped streams")
+    p.add_argument("--big-overrides", type=json.loads, default={},
+                   help='config overrides for the 70B-shaped checkpoint, as JSON: {"vocab_size": 4096} (the embedding '
+                        "and head take no part in the block stages), or toy sizes for a dry run")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--solve-dtype", default=None, help="default float64 on CPU, float32 on GPU")
     p.add_argument("--big-solve-dtype", default="float32", help="70B-shaped: float64 metrics of 28672² do not fit 24 GiB")
@@ -216,42 +263,59 @@ def main(argv=None) -> int:
         return 0
 
     import lowrank_engine  # noqa: F401  (the OpenMP wait before torch)
-    from lowrank_engine.report import format_table, write_json
 
     owned = None
     if args.work_dir is None:
         args.work_dir = owned = tempfile.mkdtemp(prefix="lowrank-scale-")
     records = []
+    previous = os.path.join(args.out_dir, "scale.json")
+    kept = []
+    if os.path.exists(previous):
+        with open(previous) as f:
+            kept = json.load(f)
+
+    def row_key(r):
+        return r["model"], r["method"], r["device"]
+
+    def write(records):
+        # configurations not run this time keep their earlier measured rows
+        ran = {row_key(r) for r in records}
+        rows = sorted([r for r in kept if row_key(r) not in ran] + records,
+                      key=lambda r: (ORDER.index(r["model"]) if r["model"] in ORDER else 99, on_gpu(r)))
+        render(rows, args)
+        return rows
+
     try:
         for name in filter(None, args.configs.split(",")):  # --configs "": re-render the table from scale.json
-            spec = prepare(name, args)
-            print(f"[scale] {name} ...", flush=True)
-            start = time.time()
-            with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-                cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec), "--record", out.name]
-                subprocess.run(cmd + (["--quiet"] if args.quiet else []), check=True)
-                record = json.load(open(out.name))
-            record["wall_seconds"] = round(time.time() - start, 1)
-            records.append(record)
+            for method in args.method.split(","):
+                spec = prepare(name, argparse.Namespace(**{**vars(args), "method": method}))
+                print(f"[scale] {name} {method} ...", flush=True)
+                start = time.time()
+                with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec), "--record", out.name]
+                    subprocess.run(cmd + (["--quiet"] if args.quiet else []), check=True)
+                    record = json.load(open(out.name))
+                record["wall_seconds"] = round(time.time() - start, 1)
+                records.append(record)
+                write(records)  # after every run: a run stopped from outside keeps what it measured
     finally:
         if owned:
             import shutil
 
             shutil.rmtree(owned, ignore_errors=True)
+    write(records)
+    return 0
 
-    # configurations not run this time keep their earlier measured rows
-    previous = os.path.join(args.out_dir, "scale.json")
-    if os.path.exists(previous):
-        with open(previous) as f:
-            kept = [r for r in json.load(f) if r["model"] not in {x["model"] for x in records}]
-        order = ["smollm2", "deep", "70b-l2", "70b-l4"]
-        records = sorted(kept + records, key=lambda r: order.index(r["model"]) if r["model"] in order else 99)
+
+def render(records: list, args) -> None:
+    """scale.md and scale.json in --out-dir from these rows."""
+    from lowrank_engine.report import format_table, write_json
 
     columns = ("model", "blocks", "hidden", "method", "calibration", "offload", "compute_dtype", "block_mb", "planned_cpu_mb",
                "peak_rss_mb", "planned_gpu_mb", "peak_gpu_mb", "compress_seconds", *(f"{s}_s_per_block" for s in STAGES))
     print("\n" + format_table(records, columns))
     md = ["# Scale: peak memory vs depth and width", "",
-          f"Method {args.method}, ratio {args.ratio}; blocks streamed from safetensors, factors written per block. "
+          "Blocks streamed from safetensors, factors written per block. "
           "planned_*: the engine's memory plan (printed before a run); peak_*: measured (VmHWM, "
           "torch.cuda.max_memory_allocated).", "", format_table(records, columns, markdown=True), ""]
     by_model = {r["model"]: r for r in records}
@@ -259,17 +323,25 @@ def main(argv=None) -> int:
         a, b = by_model["70b-l2"]["peak_rss_mb"], by_model["70b-l4"]["peak_rss_mb"]
         md.append(f"Peak RSS L=2 → L=4: {a:,.0f} → {b:,.0f} MB ({(b / a - 1):+.1%}).")
         md.append("")
-    for name in ("70b-l2", "70b-l4"):
-        if by_model.get(name, {}).get("compress_seconds"):
-            md += extrapolate(by_model[name]) + [""]
-            break
+    measured_on_gpu = [r for r in records if on_gpu(r) and r["model"].startswith("70b") and r.get("compress_seconds")]
+    if measured_on_gpu:
+        md += ["## LLaMA-70B on one GPU, from measured rates", ""]
+        for record in measured_on_gpu:
+            md += extrapolate_measured(record) + [""]
+    else:
+        md += ["## LLaMA-70B on one GPU: not measured", "",
+               "Nothing has run on a GPU yet (benchmarks/device_suite.py's block step will measure it). The "
+               "extrapolation below converts a CPU run by assumed GPU rates.", ""]
+        for name in EXTRAPOLATED_FROM_CPU:
+            if by_model.get(name, {}).get("compress_seconds") and not on_gpu(by_model[name]):
+                md += extrapolate(by_model[name]) + [""]
+                break
     text = "\n".join(md)
     print("\n" + text)
     os.makedirs(args.out_dir, exist_ok=True)
     write_json(records, os.path.join(args.out_dir, "scale.json"))
     with open(os.path.join(args.out_dir, "scale.md"), "w") as f:
         f.write(text)
-    return 0
 
 
 if __name__ == "__main__":

@@ -37,12 +37,13 @@ def _tensor(shape, generator, dtype, std=0.02, chunk_rows=2048) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype)
     for start in range(0, shape[0], chunk_rows):  # fp32 only one chunk at a time
         rows = out[start:start + chunk_rows]
-        rows.copy_(torch.randn(rows.shape, generator=generator).mul_(std))
+        rows.copy_(torch.randn(rows.shape, generator=generator, device=generator.device).mul_(std))
     return out
 
 
-def write_checkpoint(out: str, layers: int, dtype=torch.bfloat16, seed: int = 0, **overrides) -> str:
-    """Returns `out`. Existing complete output with the same config is reused."""
+def write_checkpoint(out: str, layers: int, dtype=torch.bfloat16, seed: int = 0, device: str = "cpu", **overrides) -> str:
+    """Returns `out`. Existing complete output with the same config is reused. device: where the random
+    numbers are drawn (a GPU draws a 70B block in well under a second; other numbers than the CPU's)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -51,12 +52,14 @@ def write_checkpoint(out: str, layers: int, dtype=torch.bfloat16, seed: int = 0,
     config = LlamaConfig(**cfg, dtype=str(dtype).removeprefix("torch."))
     identity = {"generator": "lowrank-engine synthetic", "seed": str(seed), "dtype": str(dtype),
                 "config": json.dumps(cfg, sort_keys=True)}
+    if device != "cpu":
+        identity["rng_device"] = torch.device(device).type
     if os.path.exists(index_path):
         with open(index_path) as f:
             if json.load(f).get("metadata") == identity:
                 return out
     os.makedirs(out, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     weight_map = {}
 
     def write_shard(name: str, tensors: dict) -> None:

@@ -8,7 +8,8 @@ Inputs are covariances H = XᵀX (X: 2n tokens × n features, three outlier chan
 default. Both sides produce the same outputs (L, L⁻¹ contiguous, eigenvalues); the times are
 the best of --reps interleaved runs (the machine may be shared), measured side by side in one run.
 Results go to benchmarks/results/whitening.{md,json}; records of devices not run this time are
-kept from the previous file.
+kept from the previous file. --budget-s bounds the run: a configuration whose time, predicted from the
+largest one measured so far (eigh is O(n³) per matrix), would overrun what is left is skipped and listed.
 """
 from __future__ import annotations
 
@@ -134,7 +135,8 @@ def bench_one(n: int, b: int, device: str, dtype: torch.dtype, reps: int) -> dic
         "op_finite": _finite(op_out),
         "loop_finite": _finite(loop_out),
         "max_recon_diff_rel": _recon_diff(op_out, loop_out),
-        "backend": "extension" if ops.extension_info()["loaded"] else "pytorch-fallback",
+        # on CUDA tensors the op is the extension's only when it was built with its CUDA kernels
+        "backend": "extension" if ops.extension_info()["cuda" if device == "cuda" else "loaded"] else "pytorch-fallback",
         "torch": torch.__version__,
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
@@ -147,6 +149,15 @@ def _reps_for(n: int, b: int, device: str, requested: int | None) -> int:
         return 5 if n <= 8192 else 2
     work = n ** 3 * b
     return 5 if work <= 576 ** 3 * 4 else 3 if work <= 1024 ** 3 * 4 else 2 if work <= 1536 ** 3 * 4 else 1
+
+
+def predicted_seconds(n: int, b: int, measured: list) -> float:
+    """The wall time of bench_one at (n, b), scaled by n³·b from the largest configuration measured so
+    far on the same device; 0 before the first."""
+    if not measured:
+        return 0.0
+    size, seconds = max(measured)
+    return seconds * n ** 3 * b / size
 
 
 def to_markdown(records: list[dict]) -> str:
@@ -163,6 +174,8 @@ def to_markdown(records: list[dict]) -> str:
         "| device | threads | dtype | n | batch | op (s) | loop (s) | speed-up | loop, 1 thread (s) | speed-up vs 1-thread loop | finite (op/loop) | recon diff | backend |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    skipped = [r for r in records if r.get("skipped")]
+    records = [r for r in records if not r.get("skipped")]
     for r in records:
         l1 = r.get("loop_1thread_s")
         l1_time = "" if l1 is None else f"{l1:.4f}"
@@ -175,6 +188,9 @@ def to_markdown(records: list[dict]) -> str:
             f"{r['max_recon_diff_rel']:.1e} | {r['backend']} |")
     devices = sorted({f"{r['device']}: {r['device_name']}" for r in records})
     lines += ["", "Machines: " + "; ".join(devices) + "."]
+    if skipped:
+        lines += ["", "Not run: " + "; ".join(f"{r['device']} n={r['n']} batch={r['batch']} ({r['skipped']})"
+                                         for r in skipped) + "."]
     loads = [r["load_avg_1m"] for r in records if r["device"] == "cpu" and r.get("load_avg_1m") is not None]
     if loads:
         cores = os.cpu_count()
@@ -190,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: by size)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip configurations predicted to end after this many seconds")
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -220,15 +238,26 @@ def main(argv=None) -> int:
             f.write(to_markdown(kept + records))
 
     records = []
+    deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
     for device in devices:
         grid = (CPU_QUICK if args.quick else CPU_GRID) if device == "cpu" else (GPU_QUICK if args.quick else GPU_GRID)
+        measured = []  # (n³·b, seconds) of this device's configurations
         for n, b in grid:
             if device == "cuda":
                 need = 6 * n * n * b * torch.finfo(dtype).bits // 8
                 if need > 0.8 * torch.cuda.mem_get_info()[0]:
                     print(f"skip cuda n={n} batch={b}: needs ~{need / 2**30:.0f} GiB")
                     continue
+            if deadline is not None:
+                guess = predicted_seconds(n, b, measured)
+                if time.perf_counter() + guess > deadline:
+                    why = f"time budget: predicted {guess:.0f} s, {max(0.0, deadline - time.perf_counter()):.0f} s left"
+                    print(f"skip {device} n={n} batch={b}: {why}")
+                    records.append({"device": device, "n": n, "batch": b, "skipped": why})
+                    continue
+            start = time.perf_counter()
             rec = bench_one(n, b, device, dtype, _reps_for(n, b, device, args.reps))
+            measured.append((n ** 3 * b, time.perf_counter() - start))
             records.append(rec)
             write(records)
             print(f"{device:4s} n={n:5d} batch={b:3d}  op {rec['op_s']:.4f}s  loop {rec['loop_s']:.4f}s  "
@@ -240,7 +269,7 @@ def main(argv=None) -> int:
     write(records)
     print()
     print(to_markdown(kept + records))
-    bad = [r for r in records if not r["op_finite"]]
+    bad = [r for r in records if not r.get("skipped") and not r["op_finite"]]
     return 1 if bad else 0
 
 

@@ -203,18 +203,22 @@ def cmd_info(args) -> int:
     print(f"lowrank-engine {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
     ext = ops.extension_info()
-    print(f"whitening: {'C++ extension' if ext['loaded'] else 'PyTorch fallback'}"
-          f"{' (CUDA kernels)' if ext['cuda'] else ''}{'  ' + ext['path'] if ext['path'] else ''}")
-    kernels = ops._triton_kernels()
+    print(f"C++ extension: {'loaded' if ext['loaded'] else 'not loaded (PyTorch fallback)'}"
+          f"{', with CUDA kernels' if ext['cuda'] else ''}{'  ' + ext['path'] if ext['path'] else ''}")
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    state = "in use on CUDA tensors" if kernels is not None else "not active (no GPU and TRITON_INTERPRET unset)"
-    print(f"triton: {triton_version or 'not installed'}; kernels {state if triton_version else 'unavailable'}; "
-          f"ops backend: {ops.get_backend()}")
+    runnable = "runnable" if ops._triton_kernels() is not None else "not runnable here (no GPU and TRITON_INTERPRET unset)"
+    print(f"triton: {triton_version + '; kernels ' + runnable if triton_version else 'not installed'}")
+    paths = ops.active_paths()
+    print(f"ops backend: {paths['backend']} ({paths['why']})")
+    for device_type in ("cuda", "cpu"):
+        entry = paths[device_type]
+        print(f"  {device_type.upper()} tensors: covariance and low-rank linear -> {entry['kernels']}; "
+              f"whitening -> {entry['whitening']}")
     print(f"data directory (LOWRANK_ENGINE_DATA): {os.environ.get('LOWRANK_ENGINE_DATA') or 'unset (hub)'}")
     return 0
 

@@ -5,13 +5,20 @@ registered fake (meta) implementation, so it traces under ``torch.compile(fullgr
 Each op has a pure-PyTorch reference here, used wherever Triton, a GPU or the extension
 is absent.
 
-Backends:
-- whitening: the C++ extension (``lowrank_engine._C``, loaded with ``torch.ops.load_library``)
-  defines ``lowrank_engine::whiten`` / ``whiten_ex`` with ``TORCH_LIBRARY``; when it is
-  missing, the same schema is defined here and served by the reference.
-- covariance / low-rank linear: Triton kernels (``lowrank_engine.triton_kernels``) on CUDA
-  tensors; the reference elsewhere. ``set_backend("triton")`` forces the kernels (used by
-  the tests under ``TRITON_INTERPRET=1``), ``set_backend("reference")`` forbids them.
+Backends (``LOWRANK_ENGINE_BACKEND``, or ``set_backend``):
+- ``auto`` (default): on CUDA tensors, the Triton kernels (covariance, low-rank linear) and the
+  extension's CUDA whitening only once ``GPU_PATHS_VERIFIED`` is True; until then the PyTorch
+  reference. On CPU tensors, the reference for covariance / low-rank linear and the extension's CPU
+  whitening when it is built (``LOWRANK_ENGINE_NO_EXT=1`` turns the extension off).
+- ``accelerated``: the opt-in: on CUDA tensors the Triton kernels and the extension's CUDA whitening,
+  an error when either is missing (``auto`` falls back to the reference); CPU tensors as ``auto``.
+- ``triton``: the Triton kernels on every tensor, CPU ones through ``TRITON_INTERPRET=1`` (the tests);
+  whitening as ``auto``.
+- ``reference``: the PyTorch reference for covariance / low-rank linear and for CUDA whitening; CPU
+  whitening as ``auto``.
+The extension itself (``lowrank_engine._C``, loaded with ``torch.ops.load_library``) defines
+``lowrank_engine::whiten`` / ``whiten_ex`` with ``TORCH_LIBRARY``; when it is missing, the same
+schema is defined here and served by the reference. ``active_paths()`` says what runs, and why.
 """
 from __future__ import annotations
 
@@ -26,17 +33,23 @@ import torch
 logger = logging.getLogger("lowrank_engine")
 
 NAMESPACE = "lowrank_engine"
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "accelerated", "triton", "reference")
 _backend = os.environ.get("LOWRANK_ENGINE_BACKEND", "auto")
 if _backend not in _BACKENDS:
     raise ValueError(f"LOWRANK_ENGINE_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
+
+# Whether the Triton kernels and the extension's CUDA whitening have passed the device suite
+# (benchmarks/device_suite.py: every GPU test, every kernel against its float64 reference) on a GPU.
+# Until they have, "auto" keeps CUDA tensors on the PyTorch reference. Flip it to True in the same
+# change that commits the passing results under benchmarks/results/.
+GPU_PATHS_VERIFIED = False
 
 
 # --------------------------------------------------------------------------------------
 # backend selection
 # --------------------------------------------------------------------------------------
 def set_backend(name: str) -> None:
-    """Choose how covariance / low-rank linear ops run: auto | triton | reference."""
+    """Choose which paths the ops take: auto | accelerated | triton | reference (module docstring)."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
@@ -67,15 +80,25 @@ def _triton_kernels():
     return kernels if kernels.triton_available() else None
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    if _backend == "reference":
+def _gpu_paths_wanted() -> bool:
+    """Whether CUDA tensors take the Triton kernels and the extension's CUDA whitening."""
+    return _backend == "accelerated" or (_backend == "auto" and GPU_PATHS_VERIFIED)
+
+
+def _use_triton_on(device_type: str) -> bool:
+    asked = _backend == "triton" or (_backend == "accelerated" and device_type == "cuda")
+    if not (asked or (device_type == "cuda" and _gpu_paths_wanted())):
         return False
-    kernels = _triton_kernels()
-    if _backend == "triton":
-        if kernels is None:
-            raise RuntimeError("backend 'triton' requested but Triton is not available")
-        return True
-    return kernels is not None and t.is_cuda
+    if _triton_kernels() is None:
+        if asked:
+            raise RuntimeError(f"backend {_backend!r} runs the Triton kernels, but Triton cannot run here "
+                               "(not installed, or no GPU and TRITON_INTERPRET unset)")
+        return False  # auto: the reference wherever Triton cannot run
+    return True
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return _use_triton_on(t.device.type)
 
 
 # --------------------------------------------------------------------------------------
@@ -106,8 +129,45 @@ EXTENSION_HAS_CUDA = EXTENSION_PATH is not None and torch._C._dispatch_has_kerne
 
 
 def extension_info() -> dict:
-    """Which whitening path is active, for `lowrank-engine info` and logs."""
+    """Whether the extension is loaded and has CUDA kernels, for `lowrank-engine info` and logs."""
     return {"loaded": EXTENSION_PATH is not None, "path": EXTENSION_PATH, "cuda": EXTENSION_HAS_CUDA}
+
+
+def _extension_whitens_on(device_type: str) -> bool:
+    """Whether ops.whiten / whiten_ex call the extension for tensors on this device."""
+    if device_type != "cuda":
+        return EXTENSION_PATH is not None  # the CPU path, tested on every CI run
+    if not _gpu_paths_wanted():
+        return False
+    if not EXTENSION_HAS_CUDA:
+        if _backend == "auto":
+            return False  # the reference wherever the extension has no CUDA kernels
+        raise RuntimeError(f"backend {_backend!r} runs the extension's CUDA whitening, but "
+                           + ("the extension has no CUDA kernels (built without nvcc or a CUDA torch)"
+                              if EXTENSION_PATH else "the C++ extension is not loaded"))
+    return True
+
+
+def active_paths() -> dict:
+    """Which implementation each op family takes on CUDA and on CPU tensors, and why."""
+    paths = {"backend": _backend, "gpu_paths_verified": GPU_PATHS_VERIFIED}
+    for device_type in ("cuda", "cpu"):
+        entry = {}
+        for family, choose, fast in (("kernels", _use_triton_on, "Triton kernels"),
+                                     ("whitening", _extension_whitens_on, "C++ extension")):
+            try:
+                entry[family] = fast if choose(device_type) else "PyTorch reference"
+            except RuntimeError as exc:
+                entry[family] = f"unavailable: {exc}"
+        paths[device_type] = entry
+    if _backend == "auto" and not GPU_PATHS_VERIFIED:
+        paths["why"] = ("the Triton kernels and the extension's CUDA whitening have not passed the device suite "
+                        "on a GPU yet; opt in with LOWRANK_ENGINE_BACKEND=accelerated")
+    elif _backend == "auto":
+        paths["why"] = "the device suite passed on a GPU (ops.GPU_PATHS_VERIFIED)"
+    else:
+        paths["why"] = "chosen through LOWRANK_ENGINE_BACKEND or ops.set_backend"
+    return paths
 
 
 # --------------------------------------------------------------------------------------
@@ -203,18 +263,24 @@ torch.library.register_fake(f"{NAMESPACE}::whiten", _whiten_fake, lib=_lib)
 torch.library.register_fake(f"{NAMESPACE}::whiten_ex", _whiten_ex_fake, lib=_lib)
 
 
+def _whiten_call(name: str, H: torch.Tensor, eps_rel: float):
+    batched = H.unsqueeze(0) if H.dim() == 2 else H
+    if H.is_cuda and not _extension_whitens_on("cuda"):
+        out = whiten_reference(batched, float(eps_rel))
+        out = out if name == "whiten_ex" else (out[0], out[1], out[2], out[5])
+    else:
+        out = getattr(torch.ops.lowrank_engine, name)(batched, float(eps_rel))
+    return tuple(t[0] for t in out) if H.dim() == 2 else out
+
+
 def whiten(H: torch.Tensor, eps_rel: float = 1e-6):
     """Batched whitening: returns (L, L_inv, eigenvalues, info); accepts [n,n] or [b,n,n]."""
-    squeeze = H.dim() == 2
-    out = torch.ops.lowrank_engine.whiten(H.unsqueeze(0) if squeeze else H, float(eps_rel))
-    return tuple(t[0] for t in out) if squeeze else out
+    return _whiten_call("whiten", H, eps_rel)
 
 
 def whiten_ex(H: torch.Tensor, eps_rel: float = 1e-6):
     """Like whiten, plus the clamped eigenvalues and the count clamped per matrix."""
-    squeeze = H.dim() == 2
-    out = torch.ops.lowrank_engine.whiten_ex(H.unsqueeze(0) if squeeze else H, float(eps_rel))
-    return tuple(t[0] for t in out) if squeeze else out
+    return _whiten_call("whiten_ex", H, eps_rel)
 
 
 # --------------------------------------------------------------------------------------

@@ -10,6 +10,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def devices():
+    """Parameters for a device argument: "cpu", and "cuda" marked `gpu` (benchmarks/device_suite.py runs
+    `pytest -m gpu` on a lent GPU) and skipped where no GPU is present."""
+    return ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(1234)

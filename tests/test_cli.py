@@ -153,7 +153,8 @@ def test_help_documents_every_flag(capsys):
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
-    assert "whitening:" in text and "triton" in text
+    assert "whitening ->" in text and "triton" in text
+    assert "ops backend: auto" in text and "CUDA tensors: covariance and low-rank linear ->" in text
 
 
 @pytest.mark.parametrize("alloc", [["--rank-alloc", "waterfill"], ["--rank-alloc", "last-layers", "--last-layers", 1],

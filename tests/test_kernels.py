@@ -1,4 +1,5 @@
-"""Triton kernels against a float64 reference, run on CPU tensors under TRITON_INTERPRET=1.
+"""Triton kernels against a float64 reference: on CPU tensors under TRITON_INTERPRET=1, on CUDA tensors
+where a GPU is present and TRITON_INTERPRET=0 (benchmarks/device_suite.py runs them there, `-m gpu`).
 
 The interpreter decides at kernel decoration time, so the variable is set before anything
 imports Triton or the kernel modules.
@@ -24,15 +25,43 @@ ll_mod = importlib.import_module("lowrank_engine.kernels.lowrank_linear")
 if not kernels.triton_available():  # e.g. kernels imported earlier without the interpreter and no GPU
     pytest.skip("Triton kernels cannot run here", allow_module_level=True)
 
+pytestmark = pytest.mark.gpu  # every test here runs on CUDA tensors when a GPU is present
+
 DEVICE = "cuda" if (torch.cuda.is_available() and not cov_mod.INTERPRET) else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+# Each autotuner with the configs it chooses among (one each under the interpreter). The covariance kernel
+# prunes to its single-statistic or its pair configs by call; under the interpreter both use the single one.
+TUNED = {
+    "covariance": (cov_mod._covariance_kernel, cov_mod._SINGLE_CONFIGS),
+    "covariance_pair": (cov_mod._covariance_kernel, cov_mod._PAIR_CONFIGS or cov_mod._SINGLE_CONFIGS),
+    "shrink_decode": (ll_mod._shrink_decode, ll_mod._SHRINK_DECODE_CONFIGS),
+    "expand_decode": (ll_mod._expand_decode, ll_mod._EXPAND_DECODE_CONFIGS),
+    "shrink_prefill": (ll_mod._shrink_prefill, ll_mod._SHRINK_PREFILL_CONFIGS),
+    "expand_prefill": (ll_mod._expand_prefill, ll_mod._EXPAND_PREFILL_CONFIGS),
+}
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every internal buffer and output of the low-rank kernels starts as NaN."""
     monkeypatch.setattr(ll_mod, "_DEBUG_POISON", True)
+
+
+@pytest.fixture(autouse=True)
+def _one_config_per_kernel(monkeypatch):
+    """On a GPU the autotuners would time every config at every new shape, minutes over this file, and
+    the values do not depend on the choice: pin the first config of each kind here, and check every
+    config in test_every_autotune_config_matches_float64."""
+    if DEVICE == "cuda":
+        first = {}  # tuner id -> (tuner, the first config of each kind it serves)
+        for tuner, configs in TUNED.values():
+            first.setdefault(id(tuner), (tuner, []))[1].append(configs[0])
+        for tuner, configs in first.values():
+            monkeypatch.setattr(tuner, "configs", configs)
+            monkeypatch.setattr(tuner, "cache", {})
+    yield
 
 
 def _gen(seed):
@@ -402,6 +431,40 @@ def test_opcheck_aot_dispatch():
         X = randn(11, n, g=g)
         A = torch.zeros(n, n, device=DEVICE)
         torch.library.opcheck(torch.ops.lowrank_engine.covariance_accumulate.default, (A, X, None))
+
+
+# --------------------------------------------------------------------------------------
+# every autotune config (on a GPU the tuner may pick any of them for some shape)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,index", [(kind, i) for kind, (_, configs) in TUNED.items() for i in range(len(configs))],
+                         ids=lambda v: str(v))
+def test_every_autotune_config_matches_float64(kind, index, monkeypatch):
+    """One config forced at a time, on odd shapes that leave partial tiles for every block size (up to
+    256 on a GPU, 32 under the interpreter)."""
+    tuner, configs = TUNED[kind]
+    monkeypatch.setattr(tuner, "configs", [configs[index]])  # a single config: used as is, no timing
+    monkeypatch.setattr(tuner, "cache", {})
+    g = _gen((kind, index))
+    if kind.startswith("covariance"):
+        pair = kind == "covariance_pair"
+        n, N = (150, 301) if DEVICE == "cuda" else (67, 45)
+        X = randn(N, n, dtype=torch.bfloat16, g=g)
+        Xp = randn(N, n, dtype=torch.bfloat16, g=g) if pair else None
+        w = _weights("real", N, g)
+        accs0 = [randn(n, n, g=g) for _ in range(3 if pair else 1)]
+        accs = [a.clone() for a in accs0]
+        kernels.covariance_accumulate(*(accs + [None, None])[:3], X, Xp, w)
+        scale = _cov_scale(X, Xp, w)
+        for acc, acc0, ref in zip(accs, accs0, _cov_ref(X, Xp, w)):
+            assert_close(acc, acc0.double().cpu() + ref, torch.float32, scale)
+        return
+    tokens = (1, 5, 16) if kind.endswith("decode") else ((150,) if DEVICE == "cuda" else (40,))
+    n, m, k = (300, 203, 70) if DEVICE == "cuda" else (70, 45, 33)
+    for dtype in (torch.bfloat16, torch.float32):
+        for M in tokens:
+            x, V, U, b = _ll_inputs((M,), n, m, k, dtype, g)
+            y = kernels.lowrank_forward(x, V, U, b)
+            assert_close(y, _ll_ref(x, V, U, b), dtype, _ll_scale(x, V, U, b))
 
 
 # --------------------------------------------------------------------------------------

@@ -6,11 +6,11 @@ import time
 import pytest
 import torch
 
-from lowrank_engine import pipeline, solvers
+from lowrank_engine import ops, pipeline, solvers
 from lowrank_engine.models import UnsupportedArchitecture, block_linears, find_decoder_blocks
 from lowrank_engine.modules import LowRankLinear
 
-from conftest import tiny_model
+from conftest import needs_cuda, tiny_model
 
 
 def _ids(n=6, t=24, vocab=96, seed=0):
@@ -58,6 +58,32 @@ def test_every_method_compresses_every_architecture(kind, method):
                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     if kind == "qwen2":  # q/k/v biases survive factorization
         assert blocks[0].self_attn.q_proj.bias is not None
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["auto", "accelerated"])
+@pytest.mark.parametrize("method", ["svd-llm", "aa-svd"])
+def test_cuda_compression_lands_where_the_cpu_run_does(method, backend):
+    """The pipeline on CUDA through the default paths and through the opt-in GPU paths (the Triton kernels
+    and the extension's CUDA whitening): the compressed model's error matches the CPU run's."""
+    ids = _ids(8, 32)
+    errors = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_model("llama", layers=2)
+        with torch.no_grad():
+            ref = model(ids).logits
+        with ops.backend(backend if device == "cuda" else "auto"):
+            result = pipeline.compress_model(model, ids, pipeline.CompressionConfig(
+                method=method, ratio=0.4, device=device, solve_dtype="float64"), progress=False)
+        assert len(result.blocks) == 2
+        model.to("cpu")
+        with torch.no_grad():
+            out = model(ids).logits
+        assert torch.isfinite(out).all()
+        errors[device] = _rel_err(out, ref)
+    assert 0 < errors["cpu"] < 1.0
+    assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.05), errors
 
 
 def test_data_aware_methods_beat_plain_svd():

@@ -241,3 +241,35 @@ def test_scale_benchmark_extrapolation_arithmetic():
     assert f"{here:,.0f} s/block × 80 = {here * 80 / 3600:,.1f} h" in text
     assert f"{h100:.1f} s/block × 80 = {h100 * 80 / 60:.0f} min" in text
     assert "30.0 GiB" in text
+
+
+def test_scale_benchmark_gpu_records_extrapolate_from_their_own_rates(tmp_path):
+    """A GPU record (device_suite.py's block step) replaces the assumed-rate extrapolation: token stages
+    scale to 256×2048 tokens, the others stay as measured; without one, scale.md says nothing ran on a GPU."""
+    import argparse
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "scale.py")
+    spec = importlib.util.spec_from_file_location("scale_benchmark", path)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    cpu = {"model": "70b-l2", "method": "svd-llm", "device": "cpu (2 cores)", "calibration": "random 16x256",
+           "compress_seconds": 100.0, "gemm_fp32_gflops": 80.0, "eigh4096_fp32_s": 12.0,
+           **{f"{s}_s_per_block": 1.0 for s in scale.STAGES}}
+    gpu = {"model": "70b-l1", "method": "aa-svd", "ratio": 0.4, "device": "NVIDIA H200", "calibration": "random 64x2048",
+           "offload": "none", "ops_backend": "accelerated", "peak_gpu_mb": 30 * 1024, "compress_seconds": 50.0,
+           "load_s_per_block": 2.0, "statistics_s_per_block": 3.0, "whitening_s_per_block": 10.0,
+           "solve_s_per_block": 5.0, "propagate_s_per_block": 1.5, "write_s_per_block": 1.0}
+    total = 2.0 + 3.0 * 4 + 10.0 + 5.0 + 1.5 * 4 + 1.0  # 64×2048 is a quarter of the target's tokens
+    text = "\n".join(scale.extrapolate_measured(gpu))
+    assert f"{total:.1f} s/block × 80 = {total * 80 / 60:.0f} min" in text
+    assert "scaled ×4" in text and "30.0 GiB" in text
+    args = argparse.Namespace(out_dir=str(tmp_path))
+    scale.render([cpu], args)
+    md = (tmp_path / "scale.md").read_text()
+    assert "Nothing has run on a GPU yet" in md and "assumed rates" in md
+    scale.render([cpu, gpu], args)
+    md = (tmp_path / "scale.md").read_text()
+    assert "from measured rates" in md and "Nothing has run on a GPU" not in md and "assumed rates" not in md
+    assert json.loads((tmp_path / "scale.json").read_text())[1]["device"] == "NVIDIA H200"

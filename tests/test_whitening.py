@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from lowrank_engine import ops
 
+from conftest import needs_cuda
+
 EPS = 1e-6
 REQUIRE_EXT = os.environ.get("LOWRANK_ENGINE_REQUIRE_EXT", "0") == "1"
 EXT_LOADED = ops.extension_info()["loaded"]
@@ -31,6 +33,15 @@ def _need_ext():
     if REQUIRE_EXT:
         pytest.fail("LOWRANK_ENGINE_REQUIRE_EXT=1 but the C++ extension lowrank_engine._C is not loaded")
     pytest.skip("the C++ extension lowrank_engine._C is not built")
+
+
+def _need_ext_cuda():
+    """The extension's own CUDA kernels (without them the CUDA key is served by the Python fallback)."""
+    _need_ext()
+    if not ops.extension_info()["cuda"]:
+        if REQUIRE_EXT:
+            pytest.fail("LOWRANK_ENGINE_REQUIRE_EXT=1 on a GPU but the extension has no CUDA kernels")
+        pytest.skip("the C++ extension was built without CUDA kernels")
 
 
 def _ext(H, eps=EPS):
@@ -185,6 +196,54 @@ def test_against_float64_eigh(case, dtype, impl):
 def test_extension_matches_reference(case, dtype):
     H = CASES[case](dtype)
     check_same(_ext(H), _ref(H), H)
+
+
+# The extension's CUDA solver by size and batch: syevjBatched (n <= 32, b > 1), the batched solver
+# (n <= 512, b > 1), one syevd per matrix otherwise; odd sizes on each side of the limits.
+CUDA_CASES = {**CASES, "jacobi_limit": lambda dtype: outlier_channels(5, 32, dtype),
+              "batched": lambda dtype: outlier_channels(3, 33, dtype),
+              "batched_limit": lambda dtype: random_spd(2, 512, dtype),
+              "per_matrix_batch": lambda dtype: outlier_channels(2, 517, dtype),
+              "single": lambda dtype: rank_deficient(1, dtype, tokens=100, n=301)}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", sorted(CUDA_CASES))
+def test_cuda_against_float64_eigh(case, dtype, impl):
+    """On CUDA tensors: every invariant against float64 eigh, and agreement with the CPU reference."""
+    if impl == "ext":
+        _need_ext_cuda()
+    H = CUDA_CASES[case](dtype)
+    out = IMPLS[impl](H.cuda())
+    assert all(t.is_cuda for t in out)
+    out = tuple(t.cpu() for t in out)
+    check_whitening(H, out)
+    check_same(out, _ref(H), H)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_errors_name_the_matrix_and_retry_in_float64(monkeypatch):
+    _need_ext_cuda()
+    H = random_spd(5, 40, torch.float32)
+    H[3, 0, 0] = float("nan")
+    H[1] = 0
+    with pytest.raises(ValueError, match=r"matrix 1 .*all zero"):
+        _ext(H.cuda())
+    H = random_spd(3, 6, torch.float64)
+    H[2, 1, 4] = float("inf")
+    with pytest.raises(ValueError, match=r"matrix 2 .*NaN or Inf"):
+        _ext(H.cuda())
+    with pytest.raises(ValueError, match=r"matrix 0 .*no positive eigenvalue"):
+        _ext(-torch.eye(4, device="cuda").repeat(2, 1, 1))
+    monkeypatch.setenv("LOWRANK_ENGINE_WHITEN_FORCE_RETRY", "1")
+    for H in (outlier_channels(3, 24, torch.float32), outlier_channels(1, 600, torch.float32)):
+        out = tuple(t.cpu() for t in _ext(H.cuda()))
+        assert (out[5] == 1).all()
+        check_whitening(H, out)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))

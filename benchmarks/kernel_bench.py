@@ -14,7 +14,13 @@ GPU (full mode):
 CPU (or --quick): tiny shapes through the Triton interpreter (TRITON_INTERPRET=1), checked against
 the PyTorch reference; the timings are a smoke check of the script only.
 
-    python benchmarks/kernels.py [--quick] [--out-dir benchmarks/results] [--peak-gbps 3350]
+The roofline's peak bandwidth comes from the device's name (PEAK_GBPS; --peak-gbps overrides it).
+--budget-s bounds the run: the work goes in order of priority (covariance, the low-rank shapes at
+ratio 0.4, the end-to-end decode, then the other ratios), what the budget leaves out is listed as
+skipped, and the md/json files are rewritten after every part, so a run stopped from outside keeps
+what it measured.
+
+    python benchmarks/kernel_bench.py [--quick] [--out-dir benchmarks/results] [--peak-gbps GB/s] [--budget-s S]
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -47,6 +54,28 @@ TOKENS = (1, 4, 16, 128, 2048)
 COV_SIZES = (4096, 8192, 14336, 28672)
 COV_TOKENS = 8192
 DECODE_MAX_M = 16
+E2E_RATIO = 0.4
+# Datasheet peak memory bandwidth (GB/s) by a word of torch.cuda.get_device_name(), most specific first.
+PEAK_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
+             ("A100 80GB PCIe", 1935.0), ("A100", 1555.0), ("L40S", 864.0), ("A10G", 600.0), ("L4", 300.0))
+
+
+def peak_gbps_for(name: str):
+    """The datasheet bandwidth of a GPU named `name`, or None when the table does not know it."""
+    for key, gbps in PEAK_GBPS:
+        if re.search(rf"\b{re.escape(key)}\b", name):  # whole words: "GH200" is not an H200
+            return gbps
+    return None
+
+
+class Budget:
+    """Seconds left for a run; None means unbounded."""
+
+    def __init__(self, seconds):
+        self.deadline = None if seconds is None else time.perf_counter() + seconds
+
+    def exhausted(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
 
 def rank_for(m: int, n: int, ratio: float) -> int:
@@ -93,10 +122,13 @@ def time_cpu(fn, reps: int = 3) -> float:
 # --------------------------------------------------------------------------------------
 # covariance
 # --------------------------------------------------------------------------------------
-def bench_covariance(sizes, N, on_gpu, dev):
+def bench_covariance(sizes, N, on_gpu, dev, budget=Budget(None)):
     records = []
     dtype = torch.bfloat16
     for n in sizes:
+        if budget.exhausted():
+            records.append({"device": device_name(), "bench": "covariance", "n": n, "N": N, "skipped": "time budget"})
+            continue
         try:
             X = torch.randn(N, n, device=dev, dtype=dtype)
             Xp = torch.randn(N, n, device=dev, dtype=dtype)
@@ -145,13 +177,17 @@ def bench_covariance(sizes, N, on_gpu, dev):
 # --------------------------------------------------------------------------------------
 # low-rank linear
 # --------------------------------------------------------------------------------------
-def bench_lowrank(models, ratios, tokens, on_gpu, dev, peak_gbps):
+def bench_lowrank(models, ratios, tokens, on_gpu, dev, peak_gbps, budget=Budget(None)):
     records = []
     dtype = torch.bfloat16
     for model, shapes in models.items():
         for (m, n) in shapes:
             for ratio in ratios:
                 k = rank_for(m, n, ratio)
+                if budget.exhausted():
+                    records.append({"device": device_name(), "bench": "lowrank_linear", "model": model, "m": m, "n": n,
+                                    "k": k, "ratio": ratio, "skipped": "time budget"})
+                    continue
                 W = torch.randn(m, n, device=dev, dtype=dtype) / math.sqrt(n)
                 V = torch.randn(n, k, device=dev, dtype=dtype) / math.sqrt(n)
                 U = torch.randn(m, k, device=dev, dtype=dtype) / math.sqrt(k)
@@ -180,7 +216,7 @@ def bench_lowrank(models, ratios, tokens, on_gpu, dev, peak_gbps):
                         "speedup_vs_two_gemm": t["two_gemm"] / t["lowrank"],
                         "lowrank_gbps": bytes_lr / (t["lowrank"] * 1e-3) / 1e9,
                         "bw_roofline_share": ((bytes_lr / (peak_gbps * 1e9)) / (t["lowrank"] * 1e-3)
-                                              if (decode and on_gpu) else None),
+                                              if (decode and on_gpu and peak_gbps) else None),
                         "lowrank_tflops": 2.0 * M * k * (m + n) / (t["lowrank"] * 1e-3) / 1e12,
                         "max_rel_err": err,
                     }
@@ -207,7 +243,8 @@ def to_markdown(cov, lr, args, on_gpu):
         lines += ["**CPU run: the kernels ran in the Triton interpreter on tiny shapes. These timings are a smoke "
                   "check of the benchmark script only and say nothing about kernel performance.**", ""]
     lines += [f"torch {torch.__version__}; mode: {'quick' if args.quick else 'full'}; "
-              f"peak bandwidth for the roofline: {args.peak_gbps} GB/s", ""]
+              f"peak bandwidth for the roofline: {args.peak_gbps or 'unknown for this device'} GB/s"
+              + (f"; time budget {args.budget_s:g} s" if args.budget_s else ""), ""]
     if cov:
         lines += ["## Covariance: A, B, C += XᵀX, X'ᵀX', XᵀX' (bf16 inputs, fp32 accumulators) vs 3× torch.addmm fp32",
                   "", "FLOPs: 3 · 2·N·n². The addmm baseline runs on inputs already upcast to fp32 (upcast not timed), "
@@ -230,6 +267,10 @@ def to_markdown(cov, lr, args, on_gpu):
                   "| BW share | rel err |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in lr:
+            if r.get("skipped"):
+                lines.append(f"| {r['model']} | {r['m']}×{r['n']} | {r['ratio']} | {r['k']} | | skipped: {r['skipped']} "
+                             "| | | | | | | |")
+                continue
             lines.append(
                 f"| {r['model']} | {r['m']}×{r['n']} | {r['ratio']} | {r['k']} | {r['M']} | "
                 f"{r['t_lowrank_ms'] * 1e3:.1f} | {r['t_dense_ms'] * 1e3:.1f} | {r['t_two_gemm_ms'] * 1e3:.1f} | "
@@ -242,12 +283,14 @@ def to_markdown(cov, lr, args, on_gpu):
 # --------------------------------------------------------------------------------------
 # end to end: token-by-token decode of a model whose block linears are LowRankLinear at ratio r
 # --------------------------------------------------------------------------------------
-def bench_e2e_decode(on_gpu, dev, ratio=0.4, steps=32):
-    """Greedy decode latency per token, dense vs factorized (random factors: speed only)."""
+def bench_e2e_decode(on_gpu, dev, ratio=E2E_RATIO, steps=32):
+    """Greedy decode latency per token, dense vs factorized (random factors: speed only). The factorized
+    model runs the Triton kernels (backend "accelerated" on a GPU, "triton", interpreted, on the CPU)."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lowrank_engine import ops
     from lowrank_engine.models import block_linears, decode_step, find_decoder_blocks, set_submodule
     from lowrank_engine.modules import LowRankLinear
 
@@ -258,8 +301,9 @@ def bench_e2e_decode(on_gpu, dev, ratio=0.4, steps=32):
     else:
         cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
-        dtype, label, steps = torch.float32, "tiny", 4
-    dense = LlamaForCausalLM(cfg).to(device=dev, dtype=dtype).eval()
+        dtype, label, steps = torch.float32, "tiny", 2
+    with torch.device(dev):  # initialised on the device: 2 B parameters take a while on the CPU
+        dense = LlamaForCausalLM(cfg).to(dtype=dtype).eval()
     compressed = copy.deepcopy(dense)
     _, blocks = find_decoder_blocks(compressed)
     for block in blocks:
@@ -285,19 +329,31 @@ def bench_e2e_decode(on_gpu, dev, ratio=0.4, steps=32):
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1e3 / steps
 
-    per_token_ms(dense), per_token_ms(compressed)  # warm-up (autotuning)
-    t_dense = statistics.median(per_token_ms(dense) for _ in range(3))
-    t_lowrank = statistics.median(per_token_ms(compressed) for _ in range(3))
+    kernels_backend = "accelerated" if on_gpu else "triton"
+    reps = 3 if on_gpu else 1  # the CPU run is a smoke check of the script
+    with ops.backend(kernels_backend):
+        per_token_ms(dense), per_token_ms(compressed)  # warm-up (autotuning)
+        t_dense = statistics.median(per_token_ms(dense) for _ in range(reps))
+        t_lowrank = statistics.median(per_token_ms(compressed) for _ in range(reps))
     return [{"device": device_name(), "bench": "e2e_decode", "model": label, "ratio": ratio, "steps": steps,
-             "dtype": str(dtype).replace("torch.", ""), "ms_per_token_dense": t_dense,
+             "backend": kernels_backend, "dtype": str(dtype).replace("torch.", ""), "ms_per_token_dense": t_dense,
              "ms_per_token_lowrank": t_lowrank, "speedup_vs_dense": t_dense / t_lowrank}]
+
+
+def e2e_markdown(e2e) -> str:
+    return ("\n## End-to-end decode (greedy, KV cache, eager; batch 1)\n\n"
+            "| model | dtype | ratio | backend | dense ms/token | low-rank ms/token | speed-up |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(f"| {r['model']} | {r['dtype']} | {r['ratio']} | {r['backend']} | {r['ms_per_token_dense']:.3f} | "
+                        f"{r['ms_per_token_lowrank']:.3f} | {r['speedup_vs_dense']:.2f} |" for r in e2e) + "\n")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small subset (automatic on CPU)")
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
-    p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth (H100 SXM: 3350)")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="peak memory bandwidth for the roofline share (default: PEAK_GBPS by the device's name)")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this many seconds")
     p.add_argument("--only", choices=("covariance", "lowrank"), default=None,
                    help="run one kernel family (skips the end-to-end decode)")
     p.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODELS)}")
@@ -307,6 +363,8 @@ def main(argv=None):
     if not kernels.triton_available():
         raise SystemExit("Triton kernels unavailable (no triton, or no GPU and TRITON_INTERPRET unset)")
     dev = "cuda" if on_gpu else "cpu"
+    if args.peak_gbps is None and on_gpu:
+        args.peak_gbps = peak_gbps_for(device_name())
     torch.manual_seed(0)
     if on_gpu:
         cov_sizes, cov_N = ((4096,) if args.quick else COV_SIZES), COV_TOKENS
@@ -317,28 +375,43 @@ def main(argv=None):
             models = {k: v[:2] for k, v in list(models.items())[:1]}
     else:
         args.quick = True
-        cov_sizes, cov_N = (48, 80), 96
+        cov_sizes, cov_N = (80,), 96
         models = {"tiny": [(80, 48), (48, 112)]}
         ratios = (0.4,)
-        tokens = (1, 4, 40)
+        tokens = (1, 40)
+    budget = Budget(args.budget_s)
+    first_ratios = [r for r in ratios if r == E2E_RATIO] or list(ratios[:1])
+    cov, lr, e2e = [], [], []
+    e2e_skipped = False
 
-    cov = [] if args.only == "lowrank" else bench_covariance(cov_sizes, cov_N, on_gpu, dev)
-    lr = [] if args.only == "covariance" else bench_lowrank(models, ratios, tokens, on_gpu, dev, args.peak_gbps)
+    def write():  # after every part: a run stopped from outside keeps what it measured
+        md = to_markdown(cov, lr, args, on_gpu) + (e2e_markdown(e2e) if e2e else "")
+        if e2e_skipped:
+            md += "\n## End-to-end decode: skipped (time budget)\n"
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "kernels.md"), "w") as f:
+            f.write(md + "\n")
+        with open(os.path.join(args.out_dir, "kernels.json"), "w") as f:
+            json.dump(cov + lr + e2e, f, indent=1)
+        return md
 
-    e2e = [] if args.only else bench_e2e_decode(on_gpu, dev)
-
-    md = to_markdown(cov, lr, args, on_gpu)
-    if e2e:
-        md += ("\n## End-to-end decode (greedy, KV cache, eager; batch 1)\n\n"
-               "| model | dtype | ratio | dense ms/token | low-rank ms/token | speed-up |\n|---|---|---|---|---|---|\n"
-               + "\n".join(f"| {r['model']} | {r['dtype']} | {r['ratio']} | {r['ms_per_token_dense']:.3f} | "
-                           f"{r['ms_per_token_lowrank']:.3f} | {r['speedup_vs_dense']:.2f} |" for r in e2e) + "\n")
-    print(md)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "kernels.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(args.out_dir, "kernels.json"), "w") as f:
-        json.dump(cov + lr + e2e, f, indent=1)
+    if args.only != "lowrank":
+        cov += bench_covariance(cov_sizes, cov_N, on_gpu, dev, budget)
+        write()
+    if args.only != "covariance":
+        lr += bench_lowrank(models, first_ratios, tokens, on_gpu, dev, args.peak_gbps, budget)
+        write()
+    if not args.only:
+        if budget.exhausted():
+            e2e_skipped = True
+        else:
+            e2e += bench_e2e_decode(on_gpu, dev)
+            write()
+    if args.only != "covariance":
+        rest = [r for r in ratios if r not in first_ratios]
+        if rest:
+            lr += bench_lowrank(models, rest, tokens, on_gpu, dev, args.peak_gbps, budget)
+    print(write())
     bad = [r for r in cov + lr if not r.get("skipped") and max(r.get("max_rel_err", 0), r.get("max_rel_err_A", 0)) > 5e-2]
     if bad:
         raise SystemExit(f"{len(bad)} configurations disagree with the reference (rel err > 5e-2)")
