@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_engine import checkpoint, distributed, memory, ops, refine, solvers, streams
-from lowrank_engine.models import block_linears, find_decoder_blocks, set_submodule
+from lowrank_engine.models import UnsupportedArchitecture, block_linears, find_decoder_blocks, set_submodule
 from lowrank_engine.modules import LowRankLinear
 
 logger = logging.getLogger("lowrank_engine")
@@ -200,30 +201,65 @@ def _to(obj, device):
 # --------------------------------------------------------------------------------------
 # block inputs and groups
 # --------------------------------------------------------------------------------------
+_NOT_REPLAYED = ("past_key_value", "past_key_values", "cache", "use_cache")  # no KV cache in a block-by-block run
+
+
+def _to_shared(obj, device, memo: dict):
+    """`obj` with its tensors on `device`; a tensor met before (by identity, within one forward) maps to
+    the same moved tensor, so arguments the model shares between blocks stay shared."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the original is kept alive: its id stays unique
+        return memo[id(obj)][1]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_shared(o, device, memo) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_shared(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
-                         device, hidden) -> list:
+                         device, hidden) -> list[list[dict]]:
     """Fill `hidden` (a stream or a list) with the states entering block 0; returns the keyword arguments
-    the model passes to every block, one dict per batch."""
-    kwargs_list = []
+    the model passes to each block, `[block][batch]`.
 
-    def hook(module, args, kwargs):
+    Models may give every block its own arguments (sliding/global attention masks, a rotary table per
+    layer type), so they are recorded from the model's own forward at every block. Each block's compute
+    is skipped (it returns its input), so no block weight is read: lazily loaded blocks stay on `meta`.
+    A tensor the model hands to several blocks is stored once."""
+    per_block: list[list[dict]] = [[] for _ in blocks]
+    memo: dict = {}
+
+    def skip(index, *args, **kwargs):
         h = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "cache", "use_cache")}
-        hidden.append(h)
-        kwargs_list.append(_to(kw, device))
-        raise _StopForward
+        if index == 0:
+            hidden.append(h)
+        kw = {k: v for k, v in kwargs.items() if k not in _NOT_REPLAYED}
+        per_block[index].append(_to_shared(kw, device, memo))
+        if index == len(blocks) - 1:
+            raise _StopForward
+        return h
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    for index, block in enumerate(blocks):
+        block.forward = functools.partial(skip, index)
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
+        for batch, start in enumerate(range(0, input_ids.shape[0], batch_size)):
+            memo.clear()
             try:
                 model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
+            calls = [len(kw) - batch for kw in per_block]
+            if any(c != 1 for c in calls):
+                raise UnsupportedArchitecture(
+                    f"{type(model).__name__} does not call each decoder block once per forward (calls per "
+                    f"block: {calls}); the engine streams blocks in order and cannot compress it")
     finally:
-        handle.remove()
-    return kwargs_list
+        for block in blocks:
+            del block.forward
+        memo.clear()
+    return per_block
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
@@ -963,7 +999,8 @@ class Compressor:
         move_non_block_tensors(src.model, src.blocks_name, self.device)
         with self._timed_global("capture"):
             x_stream = self.store.stream("x")
-            kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device, x_stream)
+            block_kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device,
+                                                x_stream)
         src.after_capture()
         needs_xp = bool(self.method.needs & {"B", "C"}) or cfg.track_error or cfg.refine
         xp_stream = self.store.copy(x_stream, "xp") if needs_xp else self.store.stream("xp")
@@ -974,6 +1011,7 @@ class Compressor:
             self._block_seconds = {}
             with self._timed("load"):
                 dense = src.materialize(index, self.device, self.compute_dtype)
+            kwargs, block_kwargs[index] = block_kwargs[index], None  # this block's own, per batch
             if index in done:
                 bar.set_postfix_str("resumed")
                 comp, x_next, xp_next, report = self._replay_block(index, dense, x_stream, xp_stream, kwargs)
