@@ -27,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_engine import checkpoint, distributed, memory, ops, refine, solvers, streams
-from lowrank_engine.models import UnsupportedArchitecture, block_linears, find_decoder_blocks, set_submodule
+from lowrank_engine.models import (UnsupportedArchitecture, block_linears, checkpoint_names, find_decoder_blocks,
+                                   set_submodule, warn_if_untested)
 from lowrank_engine.modules import LowRankLinear
 
 logger = logging.getLogger("lowrank_engine")
@@ -494,6 +495,7 @@ class BlockSource:
     def __init__(self, model: nn.Module):
         self.model = model
         self.blocks_name, self.blocks = find_decoder_blocks(model)
+        warn_if_untested(model)
 
     def materialize(self, index: int, device, dtype: Optional[torch.dtype] = None) -> nn.Module:
         return cast_parameters(self.blocks[index].to(device), dtype)
@@ -543,15 +545,34 @@ class LazyBlockSource(BlockSource):
         super().__init__(model)
         self.directory, self.keep_compressed = directory, keep_compressed
         self.files = checkpoint.tensor_files(directory)
+        self.stored, converted = checkpoint_names(model, self.files)  # model name → name in the files
+        if converted:
+            keys = [k for names in converted.values() for k in names]
+            raise checkpoint.CheckpointError(
+                f"{directory}: transformers fuses or splits {len(keys)} of its tensors when it loads them "
+                f"({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}; patterns {sorted(converted)[:3]}), "
+                "which a block-by-block reader cannot do; this checkpoint layout is not supported")
         prefix = self.blocks_name + "."
         expected = set(model.state_dict())
-        rest = [n for n in expected if not n.startswith(prefix) and n in self.files]
-        model.load_state_dict(checkpoint.read_tensors(self.files, rest), strict=False, assign=True)
+        output = model.get_output_embeddings()
+        tied = {n + ".weight" for n, m in model.named_modules() if m is output} \
+            if output is not None and getattr(config, "tie_word_embeddings", False) else set()
+        absent = sorted(expected - set(self.stored) - tied)
+        if absent:  # found now, not when the block that needs them is reached
+            raise checkpoint.CheckpointError(f"{directory} lacks {len(absent)} tensors the model needs: {absent[:5]}")
+        rest = [n for n in expected if not n.startswith(prefix) and n in self.stored]
+        model.load_state_dict(self._read(rest), strict=False, assign=True)
         checkpoint.tie_output_embeddings(model)
         missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
         if missing:
             raise checkpoint.CheckpointError(f"{directory} lacks tensors: {missing[:5]}")
         model.eval()
+
+    def _read(self, names, device="cpu", dtype: Optional[torch.dtype] = None) -> dict:
+        """The named tensors (model names), read under their stored names."""
+        stored = {n: self.stored[n] for n in names}
+        tensors = checkpoint.read_tensors(self.files, stored.values(), device=device, dtype=dtype)
+        return {n: tensors[s] for n, s in stored.items()}
 
     def non_block_state(self) -> dict:
         prefix = self.blocks_name + "."
@@ -559,7 +580,7 @@ class LazyBlockSource(BlockSource):
         dropped = [n for n, t in state.items() if t.is_meta]  # freed after capture: read them again
         for n in dropped:
             del state[n]
-        state.update(checkpoint.read_tensors(self.files, [n for n in dropped if n in self.files]))
+        state.update(self._read([n for n in dropped if n in self.stored]))
         return state
 
     @property
@@ -587,13 +608,12 @@ class LazyBlockSource(BlockSource):
 
     def block_bytes(self, index: int) -> int:
         prefix = f"{self.blocks_name}.{index}."
-        return checkpoint.tensor_nbytes(self.files, [prefix + n for n in self.blocks[index].state_dict()])
+        return checkpoint.tensor_nbytes(self.files, [self.stored[prefix + n] for n in self.blocks[index].state_dict()])
 
     def materialize(self, index: int, device, dtype: Optional[torch.dtype] = None) -> nn.Module:
         prefix = f"{self.blocks_name}.{index}."
         block = self.blocks[index]
-        names = [prefix + n for n in block.state_dict()]
-        state = checkpoint.read_tensors(self.files, names, device=device, dtype=dtype)
+        state = self._read([prefix + n for n in block.state_dict()], device=device, dtype=dtype)
         block.load_state_dict({n[len(prefix):]: t for n, t in state.items()}, assign=True)
         return block
 
