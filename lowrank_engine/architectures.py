@@ -103,10 +103,11 @@ def block_outputs(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tenso
 
 
 @torch.no_grad()
-def stream_divergence(directory: str, input_ids: torch.Tensor) -> list[float]:
+def stream_divergence(directory: str, input_ids: torch.Tensor, block_0_arguments: bool = False) -> list[float]:
     """Relative error ‖engine − model‖/‖model‖ of each block's output: the engine streams the checkpoint
     in `directory` one block at a time (the others on `meta`) with the arguments it captured for each
-    block; the model is transformers' own, loaded whole."""
+    block; the model is transformers' own, loaded whole. `block_0_arguments` replays block 0's arguments
+    to every block instead (what the engine did before), to show what the matrix catches."""
     from transformers import AutoModelForCausalLM
 
     from lowrank_engine import pipeline
@@ -118,7 +119,8 @@ def stream_divergence(directory: str, input_ids: torch.Tensor) -> list[float]:
     errors = []
     for index in range(len(source.blocks)):
         block = source.materialize(index, "cpu")
-        hidden = [pipeline.run_block(block, x, kw, "cpu") for x, kw in zip(hidden, kwargs[index])]
+        hidden = [pipeline.run_block(block, x, kw, "cpu")
+                  for x, kw in zip(hidden, kwargs[0 if block_0_arguments else index])]
         errors.append(_rel(torch.cat(hidden), reference[index]))
         source.release(index, block)
     return errors
@@ -204,12 +206,14 @@ def measure(model_type: str, methods=None) -> dict:
         model = tiny_model(model_type)
         ids = calibration_ids(model)
         stream = stream_divergence(directory, ids)
+        stream_block_0 = stream_divergence(directory, ids, block_0_arguments=True)
         errors = block_error_mismatch(directory, ids)
     runs = methods_roundtrip(model_type, methods)
     return {"model_type": model_type, "blocks": len(stream), "seqlen": SEQLEN,
             "sliding_window": getattr(model.config, "sliding_window", None),
             "layer_types": getattr(model.config, "layer_types", None),
             "max_stream_rel_err": max(stream), "stream_rel_err": stream,
+            "max_stream_rel_err_block_0_arguments": max(stream_block_0),
             "max_block_error_mismatch": errors["max_mismatch"], "block_errors_reported": errors["reported"],
             "block_errors_measured": errors["measured"],
             "methods_ok": sorted(m for m, r in runs.items() if r["ok"]),
