@@ -206,3 +206,15 @@ def test_fused_projections_are_one_group_with_one_rank():
                                      progress=False)
     for name, (m, n) in shapes.items():
         assert result.ranks[f"model.layers.0.{name}"] == solvers.rank_for_ratio(m, n, 0.4)
+
+
+def test_capturing_every_blocks_arguments_reads_no_block_weight(saved):
+    """The streaming promise: block arguments are recorded with every block still on `meta`."""
+    source = pipeline.LazyBlockSource(saved("gemma3_text"))
+    assert all(p.is_meta for block in source.blocks for p in block.parameters())
+    hidden = []
+    kwargs = pipeline.capture_block_inputs(source.model, source.blocks, architectures.calibration_ids(source.model),
+                                           2, "cpu", hidden)
+    assert all(p.is_meta for block in source.blocks for p in block.parameters())
+    assert len(kwargs) == len(source.blocks) and len(hidden) == 2
+    assert not any(isinstance(v, torch.Tensor) and v.is_meta for kw in kwargs for b in kw for v in b.values())
