@@ -195,10 +195,6 @@ def _map_tensors(obj, fn):
     return obj
 
 
-def _to(obj, device):
-    return _map_tensors(obj, lambda t: t.to(device))
-
-
 # --------------------------------------------------------------------------------------
 # block inputs and groups
 # --------------------------------------------------------------------------------------
