@@ -77,7 +77,7 @@ def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
 
 def calibration_ids(model: nn.Module, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (WINDOWS, SEQLEN), generator=g)
+    return torch.randint(0, model.config.get_text_config().vocab_size, (WINDOWS, SEQLEN), generator=g)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
