@@ -13,7 +13,6 @@ multipliers), and the three measurements the tests and `benchmarks/architectures
 """
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from typing import Callable
@@ -25,16 +24,17 @@ SEQLEN = 40  # tokens per window: longer than every sliding window below
 WINDOW = 12  # the sliding window of every config that has one
 WINDOWS, BATCH = 4, 2  # calibration windows, windows per batch: two batches
 
-_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=104, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08, pad_token_id=0,
-               bos_token_id=1, eos_token_id=2)  # special tokens inside the tiny vocabulary
+TINY_DEFAULTS = dict(vocab_size=128, hidden_size=64, intermediate_size=104, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     initializer_range=0.08,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)  # special tokens inside the tiny vocabulary
 _ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
 
 def _config(class_name: str, **overrides):
     import transformers
 
-    return getattr(transformers, class_name)(**{**_COMMON, **overrides})
+    return getattr(transformers, class_name)(**{**TINY_DEFAULTS, **overrides})
 
 
 # model_type → the tiny config that exercises what makes the architecture different

@@ -114,7 +114,7 @@ def test_every_method_compresses_and_roundtrips_bit_identically(model_type):
 def test_untested_model_type_runs_with_one_warning(caplog):
     from transformers import AutoModelForCausalLM, Cohere2Config
 
-    config = Cohere2Config(**{**architectures._COMMON, "sliding_window": 8,
+    config = Cohere2Config(**{**architectures.TINY_DEFAULTS, "sliding_window": 8,
                               "layer_types": ["sliding_attention", "full_attention"], "num_hidden_layers": 2})
     ids = architectures.calibration_ids(AutoModelForCausalLM.from_config(config))
     models._warned_untested.discard("cohere2")
@@ -166,7 +166,7 @@ def test_multimodal_gemma3_checkpoint_is_renamed_as_transformers_does(tmp_path):
 def test_fused_expert_checkpoint_is_refused_up_front_naming_the_keys(tmp_path):
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    model = AutoModelForCausalLM.from_config(MixtralConfig(**architectures._COMMON, num_local_experts=3,
+    model = AutoModelForCausalLM.from_config(MixtralConfig(**architectures.TINY_DEFAULTS, num_local_experts=3,
                                                            num_experts_per_tok=2))
     model.save_pretrained(tmp_path / "moe")  # per-expert w1/w2/w3, which transformers fuses when loading
     with pytest.raises(checkpoint.CheckpointError, match=r"fuses or splits .*experts\.\d+\.w\d\.weight"):
