@@ -116,7 +116,7 @@ def block_shapes(config) -> tuple[int, dict, list]:
             p.zero_()
     _, blocks = models.find_decoder_blocks(model)
     hidden = []
-    kwargs = pipeline.capture_block_inputs(model, blocks, torch.zeros(1, 8, dtype=torch.long), 1, "cpu", hidden)
+    kwargs = pipeline.capture_block_inputs(model, blocks, torch.zeros(1, 8, dtype=torch.long), 1, "cpu", hidden)[0]
     groups = pipeline.discover_groups(blocks[0], hidden[0], kwargs[0], "cpu")
     linears = {name: (mod.out_features, mod.in_features) for name, mod in models.block_linears(blocks[0]).items()}
     return depth, linears, groups

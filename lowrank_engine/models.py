@@ -14,14 +14,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 logger = logging.getLogger("lowrank_engine")
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
+# exactly the model types of the architecture matrix (architectures.TINY_CONFIGS, tests/test_architectures.py)
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite")
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -57,8 +58,22 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise UnsupportedArchitecture(
             f"no decoder blocks found in {arch!r}: expected a ModuleList of identical blocks containing nn.Linear "
-            f"layers (supported and tested: {', '.join(SUPPORTED_ARCHITECTURES)})")
+            f"layers (tested architectures: {', '.join(SUPPORTED_ARCHITECTURES)})")
     return best
+
+
+_warned_untested: set = set()
+
+
+def warn_if_untested(model: nn.Module) -> None:
+    """One warning line (once per model type) for a model whose blocks were found but whose type the
+    architecture matrix does not test: it runs, but nothing checked that the engine sees it right."""
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if model_type not in SUPPORTED_ARCHITECTURES and model_type not in _warned_untested:
+        _warned_untested.add(model_type)
+        logger.warning("model type %r is untested (tested: %s); its decoder blocks were found, so it runs, but "
+                       "check the per-block errors against the model's own forward", model_type,
+                       ", ".join(SUPPORTED_ARCHITECTURES))
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
@@ -69,6 +84,29 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+def checkpoint_names(model: nn.Module, stored: Iterable[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Map the model's parameter names to the names stored in its checkpoint, renaming as transformers does
+    when it loads one (`conversion_mapping.py`: e.g. multimodal Gemma 3 stores `language_model.model.*`
+    for `model.language_model.*`). Returns (model name → stored name, {conversion pattern: stored names})
+    where the second part lists tensors that transformers fuses or splits at load time (MoE experts): a
+    block-by-block reader cannot rebuild those, and the caller refuses them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    meta_state = model.state_dict()
+    names, converted = {}, {}
+    for key in stored:
+        renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if pattern is not None:
+            converted.setdefault(pattern, []).append(key)
+        else:
+            names[renamed] = key
+    return names, converted
 
 
 def decode_step(model: nn.Module, input_ids: torch.Tensor, cache=None):

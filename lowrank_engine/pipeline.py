@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_engine import checkpoint, distributed, memory, ops, refine, solvers, streams, workdir
-from lowrank_engine.models import block_linears, find_decoder_blocks, set_submodule
+from lowrank_engine.models import (UnsupportedArchitecture, block_linears, checkpoint_names, find_decoder_blocks,
+                                   set_submodule, warn_if_untested)
 from lowrank_engine.modules import LowRankLinear
 
 logger = logging.getLogger("lowrank_engine")
@@ -187,37 +189,73 @@ def _map_tensors(obj, fn):
     return obj
 
 
-def _to(obj, device):
-    return _map_tensors(obj, lambda t: t.to(device))
-
-
 # --------------------------------------------------------------------------------------
 # block inputs and groups
 # --------------------------------------------------------------------------------------
+_NOT_REPLAYED = ("past_key_value", "past_key_values", "cache", "use_cache")  # no KV cache in a block-by-block run
+
+
+def _to_shared(obj, device, memo: dict):
+    """`obj` with its tensors on `device`; a tensor met before (by identity, within one forward) maps to
+    the same moved tensor, so arguments the model shares between blocks stay shared."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the original is kept alive: its id stays unique
+        return memo[id(obj)][1]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_shared(o, device, memo) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_shared(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
-                         device, hidden) -> list:
+                         device, hidden) -> list[list[dict]]:
     """Fill `hidden` (a stream or a list) with the states entering block 0; returns the keyword arguments
-    the model passes to every block, one dict per batch."""
-    kwargs_list = []
+    the model passes to each block, `[block][batch]`.
 
-    def hook(module, args, kwargs):
+    Models may give every block its own arguments (sliding/global attention masks, a rotary table per
+    layer type), so they are recorded from the model's own forward at every block. Each block's compute
+    is skipped (it returns its input), so no block weight is read: lazily loaded blocks stay on `meta`.
+    A tensor the model hands to several blocks is stored once."""
+    per_block: list[list[dict]] = [[] for _ in blocks]
+    memo: dict = {}
+
+    def skip(index, *args, **kwargs):
         h = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "cache", "use_cache")}
-        hidden.append(h)
-        kwargs_list.append(_to(kw, device))
-        raise _StopForward
+        if index == 0:
+            hidden.append(h)
+        kw = {k: v for k, v in kwargs.items() if k not in _NOT_REPLAYED}
+        per_block[index].append(_to_shared(kw, device, memo))
+        if index == len(blocks) - 1:
+            raise _StopForward
+        return h
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # a forward set on the instance (an accelerate hook of a device_map model) is put back afterwards
+    own_forwards = [block.__dict__.get("forward") for block in blocks]
+    for index, block in enumerate(blocks):
+        block.forward = functools.partial(skip, index)
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
+        for batch, start in enumerate(range(0, input_ids.shape[0], batch_size)):
+            memo.clear()
             try:
                 model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
+            calls = [len(kw) - batch for kw in per_block]
+            if any(c != 1 for c in calls):
+                raise UnsupportedArchitecture(
+                    f"{type(model).__name__} does not call each decoder block once per forward (calls per "
+                    f"block: {calls}); the engine streams blocks in order and cannot compress it")
     finally:
-        handle.remove()
-    return kwargs_list
+        for block, own in zip(blocks, own_forwards):
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+        memo.clear()
+    return per_block
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
@@ -452,6 +490,7 @@ class BlockSource:
     def __init__(self, model: nn.Module):
         self.model = model
         self.blocks_name, self.blocks = find_decoder_blocks(model)
+        warn_if_untested(model)
 
     def materialize(self, index: int, device, dtype: Optional[torch.dtype] = None) -> nn.Module:
         return cast_parameters(self.blocks[index].to(device), dtype)
@@ -505,15 +544,34 @@ class LazyBlockSource(BlockSource):
         super().__init__(model)
         self.directory, self.keep_compressed = directory, keep_compressed
         self.files = checkpoint.tensor_files(directory)
+        self.stored, converted = checkpoint_names(model, self.files)  # model name → name in the files
+        if converted:
+            keys = [k for names in converted.values() for k in names]
+            raise checkpoint.CheckpointError(
+                f"{directory}: transformers fuses or splits {len(keys)} of its tensors when it loads them "
+                f"({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}; patterns {sorted(converted)[:3]}), "
+                "which a block-by-block reader cannot do; this checkpoint layout is not supported")
         prefix = self.blocks_name + "."
         expected = set(model.state_dict())
-        rest = [n for n in expected if not n.startswith(prefix) and n in self.files]
-        model.load_state_dict(checkpoint.read_tensors(self.files, rest), strict=False, assign=True)
+        output = model.get_output_embeddings()
+        tied = {n + ".weight" for n, m in model.named_modules() if m is output} \
+            if output is not None and getattr(config, "tie_word_embeddings", False) else set()
+        absent = sorted(expected - set(self.stored) - tied)
+        if absent:  # found now, not when the block that needs them is reached
+            raise checkpoint.CheckpointError(f"{directory} lacks {len(absent)} tensors the model needs: {absent[:5]}")
+        rest = [n for n in expected if not n.startswith(prefix) and n in self.stored]
+        model.load_state_dict(self._read(rest), strict=False, assign=True)
         checkpoint.tie_output_embeddings(model)
         missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
         if missing:
             raise checkpoint.CheckpointError(f"{directory} lacks tensors: {missing[:5]}")
         model.eval()
+
+    def _read(self, names, device="cpu", dtype: Optional[torch.dtype] = None) -> dict:
+        """The named tensors (model names), read under their stored names."""
+        stored = {n: self.stored[n] for n in names}
+        tensors = checkpoint.read_tensors(self.files, stored.values(), device=device, dtype=dtype)
+        return {n: tensors[s] for n, s in stored.items()}
 
     def non_block_state(self) -> dict:
         prefix = self.blocks_name + "."
@@ -521,7 +579,7 @@ class LazyBlockSource(BlockSource):
         dropped = [n for n, t in state.items() if t.is_meta]  # freed after capture: read them again
         for n in dropped:
             del state[n]
-        state.update(checkpoint.read_tensors(self.files, [n for n in dropped if n in self.files]))
+        state.update(self._read([n for n in dropped if n in self.stored]))
         return state
 
     @property
@@ -553,13 +611,12 @@ class LazyBlockSource(BlockSource):
 
     def block_bytes(self, index: int) -> int:
         prefix = f"{self.blocks_name}.{index}."
-        return checkpoint.tensor_nbytes(self.files, [prefix + n for n in self.blocks[index].state_dict()])
+        return checkpoint.tensor_nbytes(self.files, [self.stored[prefix + n] for n in self.blocks[index].state_dict()])
 
     def materialize(self, index: int, device, dtype: Optional[torch.dtype] = None) -> nn.Module:
         prefix = f"{self.blocks_name}.{index}."
         block = self.blocks[index]
-        names = [prefix + n for n in block.state_dict()]
-        state = checkpoint.read_tensors(self.files, names, device=device, dtype=dtype)
+        state = self._read([prefix + n for n in block.state_dict()], device=device, dtype=dtype)
         block.load_state_dict({n[len(prefix):]: t for n, t in state.items()}, assign=True)
         return block
 
@@ -965,7 +1022,8 @@ class Compressor:
         move_non_block_tensors(src.model, src.blocks_name, self.device)
         with self._timed_global("capture"):
             x_stream = self.store.stream("x")
-            kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device, x_stream)
+            block_kwargs = capture_block_inputs(src.model, src.blocks, input_ids, cfg.batch_size, self.device,
+                                                x_stream)
         src.after_capture()
         needs_xp = bool(self.method.needs & {"B", "C"}) or cfg.track_error or cfg.refine
         xp_stream = self.store.copy(x_stream, "xp") if needs_xp else self.store.stream("xp")
@@ -976,6 +1034,7 @@ class Compressor:
             self._block_seconds = {}
             with self._timed("load"):
                 dense = src.materialize(index, self.device, self.compute_dtype)
+            kwargs, block_kwargs[index] = block_kwargs[index], None  # this block's own, per batch
             if index in done:
                 bar.set_postfix_str("resumed")
                 comp, x_next, xp_next, report = self._replay_block(index, dense, x_stream, xp_stream, kwargs)

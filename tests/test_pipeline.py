@@ -29,7 +29,7 @@ def test_groups_are_discovered_generically(kind):
     _, blocks = find_decoder_blocks(model)
     ids = _ids()
     x = []
-    kw = pipeline.capture_block_inputs(model, blocks, ids, 3, "cpu", x)
+    kw = pipeline.capture_block_inputs(model, blocks, ids, 3, "cpu", x)[0]
     groups = pipeline.discover_groups(blocks[0], x[0], kw[0], "cpu")
     assert [sorted(g) for g in groups] == [
         ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -106,7 +106,7 @@ def test_first_block_svd_llm_is_layerwise_optimal():
     ids = _ids(4, 20)
     _, blocks = find_decoder_blocks(model)
     x = []
-    kw = pipeline.capture_block_inputs(model, blocks, ids, 4, "cpu", x)
+    kw = pipeline.capture_block_inputs(model, blocks, ids, 4, "cpu", x)[0]
     q = blocks[0].self_attn.q_proj
     with torch.no_grad():
         inp = pipeline.group_inputs(blocks[0], "self_attn.q_proj", x[0], kw[0], "cpu").reshape(-1, 48).double()

@@ -94,7 +94,7 @@ def test_a_slice_of_the_batch_runs_like_the_same_windows_of_the_whole_batch(kind
     ids = _ids(n=3, t=17, seed=3)
     ids[0, :5] = 0  # padding-like tokens: the per-window masks and positions must follow their windows
     hidden = []
-    kwargs = pipeline.capture_block_inputs(model, model.model.layers, ids, 3, "cpu", hidden)
+    kwargs = pipeline.capture_block_inputs(model, model.model.layers, ids, 3, "cpu", hidden)[0]
     block = model.model.layers[0]
     whole = pipeline.run_block(block, hidden[0], kwargs[0], "cpu")
     for part in (slice(0, 1), slice(1, 3), slice(2, 3)):
@@ -146,3 +146,29 @@ def test_fused_adamw_takes_the_reference_steps():
     for a, b, a0 in zip(fused, plain, start):
         assert float((a.detach() - a0).abs().max()) > 1e-3  # it moved
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_shrinks_the_factors_and_never_the_norms(monkeypatch):
+    """At a zero loss every gradient is exactly zero, so in the first step the only force is weight decay:
+    the factors shrink by (1 − lr·wd), the norm weights (random values, not ones) must not move at all."""
+    torch.manual_seed(7)
+    model = tiny_model("llama", layers=1)
+    block = model.model.layers[0]
+    for norm in (block.input_layernorm, block.post_attention_layernorm):
+        norm.weight.data = torch.rand_like(norm.weight) + 0.5
+    block.mlp.up_proj = LowRankLinear.from_factors(torch.randn(112, 5), torch.randn(48, 5))
+    ids = _ids(n=2, t=13, seed=5)
+    hidden = []
+    kwargs = pipeline.capture_block_inputs(model, model.model.layers, ids, 2, "cpu", hidden)[0]
+    with torch.no_grad():
+        targets = [pipeline.run_block(block, hidden[0], kwargs[0], "cpu")]
+    monkeypatch.setattr(refine, "balance_factors", lambda block: None)  # it would round the product
+    norms_before = {n: p.detach().clone() for n, p in block.named_parameters() if "norm" in n}
+    factors_before = {n: p.detach().clone() for n, p in block.mlp.up_proj.named_parameters()}
+    cfg = refine.RefineConfig(passes=1, lr=0.1, weight_decay=0.5, warmup=0.0)  # one step
+    refine.refine_block(block, hidden, targets, kwargs, "cpu", cfg, pipeline.run_block)
+    for n, p in block.named_parameters():
+        if "norm" in n:
+            assert torch.equal(p, norms_before[n]), n
+    for n, p in block.mlp.up_proj.named_parameters():
+        torch.testing.assert_close(p.detach(), factors_before[n] * (1 - 0.1 * 0.5))
