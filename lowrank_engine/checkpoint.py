@@ -431,6 +431,8 @@ def uninitialised_parameters(directory: str, trust_remote_code: bool = False) ->
     except CheckpointError:
         return []
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        return []  # another method's quantizer renames and builds its own layers
     model = empty_model_from_config(config, trust_remote_code)
     expected = {n for n, _ in model.named_parameters(remove_duplicate=False)} - _tied_output_names(model)
     return sorted(expected - set(files))
