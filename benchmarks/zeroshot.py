@@ -145,7 +145,7 @@ def write_table(args) -> None:
     print(head + format_table(records, ("method", "ratio", "task", "acc", "acc_norm", "n")))
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", default="all", choices=["all", "compress", "score", "table"])
     p.add_argument("--methods", default=DEFAULT_METHODS)
@@ -162,7 +162,11 @@ def main(argv=None):
     p.add_argument("--compress-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.compress_one:
         return compress_one(args)
     if args.phase in ("all", "compress"):
