@@ -124,12 +124,14 @@ def run_scoring(args) -> None:
 def write_table(args) -> None:
     from lowrank_engine.report import format_table
 
-    records = []
+    records, missing = [], []
     for method, ratio in configs(args):
         path = score_file(args, method, ratio)
         if os.path.exists(path):
             with open(path) as f:
                 records.extend(json.load(f))
+        else:
+            missing.append(f"{method} {ratio}")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "zeroshot.json"), "w") as f:
         json.dump(records, f, indent=1)
@@ -139,7 +141,8 @@ def write_table(args) -> None:
             f"in-memory model, stock task definitions, data from $LOWRANK_ENGINE_DATA/zeroshot), 0-shot, "
             f"{limit}. Compression on the DESIGN §4 protocol ({PROTOCOL}: SmolLM2-135M-Instruct fp32, C4 "
             f"{args.nsamples}×{args.seqlen} calibration, seed {args.seed}, uniform ranks). CPU: {cpu}. "
-            f"`acc_norm` is `-` where the task defines none.\n\n")
+            f"`acc_norm` is `-` where the task defines none.\n\n"
+            + (f"Not scored yet: {', '.join(missing)}.\n\n" if missing else ""))
     with open(os.path.join(args.out_dir, "zeroshot.md"), "w") as f:
         f.write(head + format_table(records, ("method", "ratio", "task", "acc", "acc_norm", "n"), markdown=True) + "\n")
     print(head + format_table(records, ("method", "ratio", "task", "acc", "acc_norm", "n")))
