@@ -121,6 +121,16 @@ def run_scoring(args) -> None:
             json.dump(records, f, indent=1)
 
 
+def full_sizes(tasks: str) -> str:
+    """'; every document: arc_easy 2376, ...' from the local files, or '' without them."""
+    from lowrank_engine import data, zeroshot
+
+    if not data.data_dir():
+        return ""
+    sizes = [f"{t} {len(zeroshot.read_local_docs(t, data.data_dir()))}" for t in tasks.split(",")]
+    return "; every document would be " + ", ".join(sizes)
+
+
 def write_table(args) -> None:
     from lowrank_engine.report import format_table
 
@@ -143,6 +153,11 @@ def write_table(args) -> None:
             f"{args.nsamples}×{args.seqlen} calibration, seed {args.seed}, uniform ranks). CPU: {cpu}. "
             f"`acc_norm` is `-` where the task defines none.\n\n"
             + (f"Not scored yet: {', '.join(missing)}.\n\n" if missing else ""))
+    seconds = sorted({r["score_seconds"] for r in records if r.get("score_seconds") is not None})
+    if args.limit and seconds:
+        head += (f"Why the limit: scoring one model took {seconds[0]:.0f}–{seconds[-1]:.0f} s at {args.limit} "
+                 f"documents per task on this CPU ({records[0]['threads']} thread(s), shared with other jobs)"
+                 f"{full_sizes(args.tasks)}.\n\n")
     with open(os.path.join(args.out_dir, "zeroshot.md"), "w") as f:
         f.write(head + format_table(records, ("method", "ratio", "task", "acc", "acc_norm", "n"), markdown=True) + "\n")
     print(head + format_table(records, ("method", "ratio", "task", "acc", "acc_norm", "n")))
