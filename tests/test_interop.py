@@ -94,6 +94,10 @@ def test_importing_lowrank_engine_registers_the_quantizer_without_importing_tran
         "print(type(m.model.layers[0].self_attn.o_proj).__name__)\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "LowRankLinear"
+    late = _run_python("import transformers.quantizers.auto as auto\n"  # transformers first: registered at once
+                       "import lowrank_engine\n"
+                       "print('lowrank' in auto.AUTO_QUANTIZER_MAPPING, 'lowrank' in auto.AUTO_QUANTIZATION_CONFIG_MAPPING)\n")
+    assert late.returncode == 0 and late.stdout.split() == ["True", "True"], late.stderr
 
 
 def test_without_the_package_transformers_says_it_skips_the_quantization(tmp_path):
