@@ -127,7 +127,26 @@ def test_corrupt_checkpoint_on_eval(tiny_checkpoint, tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:100])
     capsys.readouterr()
     assert run_cli("eval", "--model", out, "--eval-sets", "") == 2
+    _assert_one_line_error(capsys, f"{shard.name} is corrupt: its SHA-256 differs")
+    assert run_cli("eval", "--model", out, "--eval-sets", "", "--no-verify") == 2
     _assert_one_line_error(capsys, "corrupt or truncated")
+
+
+def test_flipped_bytes_in_a_block_shard_stop_eval(tiny_checkpoint, tmp_path, capsys):
+    """The issue's case: 64 bytes overwritten mid-shard used to give NaN factors, '-' and exit 0."""
+    out = tmp_path / "out"
+    assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "svd", "--fidelity-samples", 0)) == 0
+    assert (out / checkpoint.CHECKSUMS_FILE).exists()
+    shard = sorted(p for p in out.iterdir() if p.name.startswith("model-block"))[1]
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = b"\xff" * 64  # NaN bit patterns in float32
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run_cli("eval", "--model", out, "--eval-sets", "") == 2
+    _assert_one_line_error(capsys, f"{shard.name} is corrupt: its SHA-256 differs")
+    assert run_cli("eval", "--model", out, "--eval-sets", "", "--no-verify") == 2
+    _assert_one_line_error(capsys, "holds NaN or Inf")
 
 
 def test_existing_output_and_resume_guard(tiny_checkpoint, tmp_path, capsys):

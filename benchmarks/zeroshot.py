@@ -1,0 +1,199 @@
+"""Zero-shot accuracy of dense SmolLM2 and compressed checkpoints, scored by lm-eval (issue 21).
+
+Compression follows the DESIGN §4 protocol of quality.py ("smollm2-cpu-v1": SmolLM2-135M-Instruct fp32,
+C4 64×512 calibration windows, seed 0), uniform ranks, each configuration in its own process; the factors
+go through `checkpoint.save` and are scored from the checkpoint by `lowrank_engine.zeroshot` (lm-eval's HF
+wrapper on the stock task definitions, data from $LOWRANK_ENGINE_DATA/zeroshot). Checkpoints and scores
+are cached in --work-dir, so an interrupted run resumes; `--phase compress` and `--phase score` can run
+side by side (scoring waits for each checkpoint).
+
+    python benchmarks/zeroshot.py --limit 100          # the first 100 documents of each task
+    python benchmarks/zeroshot.py                      # every document (hours on a small CPU)
+
+Writes zeroshot.md and zeroshot.json to --out-dir: one record per model and task.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# benchmarks/kernels.py would shadow the `kernels` package that transformers probes for: keep this
+# directory off the path and load quality.py (the protocol's definitions) by file
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+_spec = importlib.util.spec_from_file_location("quality", os.path.join(HERE, "quality.py"))
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+PROTOCOL, parse_method = quality.PROTOCOL, quality.parse_method
+
+DEFAULT_METHODS = "dense,svd-llm,aa-svd,best"
+DEFAULT_RATIOS = "0.2,0.4"
+TASKS = "arc_easy,arc_challenge,piqa,openbookqa,lambada_openai"
+
+
+def configs(args) -> list[tuple[str, float]]:
+    methods = [m for m in args.methods.split(",") if m]
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    return [(m, 0.0) for m in methods if m == "dense"] + [(m, r) for m in methods if m != "dense" for r in ratios]
+
+
+def checkpoint_dir(args, method: str, ratio: float) -> str:
+    return os.path.join(args.work_dir, "checkpoints", f"{method}_{ratio}")
+
+
+def compress_one(args) -> None:
+    """Child process: compress one configuration on the protocol and save it (no error report: not needed)."""
+    from lowrank_engine import checkpoint, data, models, pipeline  # first: it sets the OpenMP wait before torch
+    from transformers import AutoTokenizer
+
+    method, search, refine, alloc, refine_options = parse_method(args.method)
+    if alloc != "uniform":
+        raise SystemExit(f"{args.method}: only uniform rank allocation is benchmarked here")
+    path = models.resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    calib = data.load_calibration("c4", tokenizer, args.nsamples, args.seqlen, args.seed)
+    source = pipeline.LazyBlockSource(path, keep_compressed=True)
+    cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, beta_search=search, refine=refine,
+                                     **refine_options, track_error=False, device="cpu")
+    start = time.perf_counter()
+    compressor = pipeline.Compressor(source, cfg, progress=False)
+    compressor.prepare(calib.input_ids, lambda: models.load_model(path)[0])
+    compressor.run(calib.input_ids)
+    seconds = time.perf_counter() - start
+    checkpoint.save(source.model, checkpoint_dir(args, args.method, args.ratio), method=args.method,
+                    ratio=args.ratio, calibration=calib.describe(), tokenizer=tokenizer,
+                    extra={"protocol": PROTOCOL, "compress_seconds": round(seconds, 1)})
+
+
+def run_compressions(args) -> None:
+    for method, ratio in configs(args):
+        out = checkpoint_dir(args, method, ratio)
+        if method == "dense" or os.path.exists(out):
+            continue
+        print(f"compressing {method} {ratio}", flush=True)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--compress-one", "--method", method,
+                        "--ratio", str(ratio), "--model", args.model, "--work-dir", args.work_dir,
+                        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)],
+                       check=True)
+
+
+def score_file(args, method: str, ratio: float) -> str:
+    return os.path.join(args.work_dir, "scores", f"{method}_{ratio}_limit{args.limit or 'all'}.json")
+
+
+def score_one(args, method: str, ratio: float) -> list[dict]:
+    import lm_eval
+    import torch
+
+    from lowrank_engine import checkpoint, models, report, zeroshot
+
+    if method == "dense":
+        model, tokenizer = models.load_model(args.model)
+    else:
+        from transformers import AutoTokenizer
+
+        model, _ = checkpoint.load(checkpoint_dir(args, method, ratio))
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir(args, method, ratio))
+    start = time.perf_counter()
+    scores = zeroshot.evaluate(model, tokenizer, args.tasks.split(","), limit=args.limit, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    return [{"method": method, "ratio": ratio, "task": task, **row, "limit": args.limit, "protocol": PROTOCOL,
+             "lm_eval": lm_eval.__version__, "cpu": report.cpu_model(), "threads": torch.get_num_threads(),
+             "score_seconds": round(seconds, 1)} for task, row in scores.items()]
+
+
+def run_scoring(args) -> None:
+    os.makedirs(os.path.join(args.work_dir, "scores"), exist_ok=True)
+    for method, ratio in configs(args):
+        path = score_file(args, method, ratio)
+        if os.path.exists(path):
+            continue
+        while method != "dense" and not os.path.exists(checkpoint_dir(args, method, ratio)):
+            time.sleep(30)  # `--phase compress` is still making it
+        print(f"scoring {method} {ratio}", flush=True)
+        records = score_one(args, method, ratio)
+        with open(path, "w") as f:
+            json.dump(records, f, indent=1)
+
+
+def full_sizes(tasks: str) -> str:
+    """'; every document: arc_easy 2376, ...' from the local files, or '' without them."""
+    from lowrank_engine import data, zeroshot
+
+    if not data.data_dir():
+        return ""
+    sizes = [f"{t} {len(zeroshot.read_local_docs(t, data.data_dir()))}" for t in tasks.split(",")]
+    return "; every document would be " + ", ".join(sizes)
+
+
+def write_table(args) -> None:
+    from lowrank_engine.report import format_table
+
+    records, missing = [], []
+    for method, ratio in configs(args):
+        path = score_file(args, method, ratio)
+        if os.path.exists(path):
+            with open(path) as f:
+                records.extend(json.load(f))
+        else:
+            missing.append(f"{method} {ratio}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "zeroshot.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    limit = f"the first {args.limit} documents of each task" if args.limit else "every document"
+    cpu = records[0]["cpu"] if records else "?"
+    head = (f"# Zero-shot accuracy\n\nlm-eval {records[0]['lm_eval'] if records else '?'} (HF wrapper on the "
+            f"in-memory model, stock task definitions, data from $LOWRANK_ENGINE_DATA/zeroshot), 0-shot, "
+            f"{limit}. Compression on the DESIGN §4 protocol ({PROTOCOL}: SmolLM2-135M-Instruct fp32, C4 "
+            f"{args.nsamples}×{args.seqlen} calibration, seed {args.seed}, uniform ranks). CPU: {cpu}. "
+            f"`acc_norm` is `-` where the task defines none.\n\n"
+            + (f"Not scored yet: {', '.join(missing)}.\n\n" if missing else ""))
+    seconds = sorted({r["score_seconds"] for r in records if r.get("score_seconds") is not None})
+    if args.limit and seconds:
+        head += (f"Why the limit: scoring one model took {seconds[0]:.0f}–{seconds[-1]:.0f} s at {args.limit} "
+                 f"documents per task on this CPU ({records[0]['threads']} thread(s), shared with other jobs)"
+                 f"{full_sizes(args.tasks)}.\n\n")
+    with open(os.path.join(args.out_dir, "zeroshot.md"), "w") as f:
+        f.write(head + format_table(records, ("method", "ratio", "task", "acc", "acc_norm", "n"), markdown=True) + "\n")
+    print(head + format_table(records, ("method", "ratio", "task", "acc", "acc_norm", "n")))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", default="all", choices=["all", "compress", "score", "table"])
+    p.add_argument("--methods", default=DEFAULT_METHODS)
+    p.add_argument("--ratios", default=DEFAULT_RATIOS)
+    p.add_argument("--tasks", default=TASKS)
+    p.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval's --limit: the first N)")
+    p.add_argument("--batch-size", type=int, default=16, help="lm-eval requests per forward")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default="zeroshot-runs", help="checkpoints and cached scores")
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--compress-one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compress_one:
+        return compress_one(args)
+    if args.phase in ("all", "compress"):
+        run_compressions(args)
+    if args.phase in ("all", "score"):
+        run_scoring(args)
+    if args.phase in ("all", "score", "table"):
+        write_table(args)
+
+
+if __name__ == "__main__":
+    main()
