@@ -15,7 +15,6 @@ Writes zeroshot.md and zeroshot.json to --out-dir: one record per model and task
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,12 +22,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# benchmarks/kernels.py would shadow the `kernels` package that transformers probes for: keep this
-# directory off the path and load quality.py (the protocol's definitions) by file
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-_spec = importlib.util.spec_from_file_location("quality", os.path.join(HERE, "quality.py"))
-quality = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quality)
+sys.path.insert(0, HERE)  # quality.py holds the protocol's definitions
+import quality  # noqa: E402
+
 PROTOCOL, parse_method = quality.PROTOCOL, quality.parse_method
 
 DEFAULT_METHODS = "dense,svd-llm,aa-svd,best"
