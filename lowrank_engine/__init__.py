@@ -11,3 +11,46 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 __version__ = "0.1.0"
+
+
+def _register_with_transformers() -> None:
+    """Register the "lowrank" transformers quantizer once transformers loads its quantizer registry.
+
+    Importing transformers takes seconds, so this module does not: if the registry is already loaded,
+    register now; otherwise a one-shot import hook registers right after `transformers.quantizers.auto`
+    executes, before any from_pretrained can consult it.
+    """
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    registry = "transformers.quantizers.auto"
+    if registry in sys.modules:
+        from lowrank_engine.hf_quantizer import register
+
+        register()
+        return
+
+    class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != registry:
+                return None
+            sys.meta_path.remove(self)  # one shot, and lets find_spec below reach the real finders
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.loader is None:
+                return spec
+            execute = spec.loader.exec_module
+
+            def exec_module(module):
+                execute(module)
+                from lowrank_engine.hf_quantizer import register
+
+                register()
+
+            spec.loader.exec_module = exec_module  # this spec's own loader instance only
+            return spec
+
+    sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+_register_with_transformers()

@@ -1,16 +1,23 @@
 """Safetensors checkpoints with per-module ranks. Never unpickles.
 
-Layout of a compressed checkpoint directory:
-    config.json, tokenizer files          the base HF config (unchanged architecture)
-    model.safetensors                     or shards + model.safetensors.index.json
-    lowrank_config.json                   ranks, method, ratio, calibration, engine version
+Layout of a compressed checkpoint directory (DESIGN §5, format version 2):
+    config.json, tokenizer files          the base HF config plus a `quantization_config` block:
+                                          quant_method "lowrank", format_version, ranks,
+                                          modules_to_not_convert, and how the factors were made
+    model.safetensors                     or shards + model.safetensors.index.json;
+                                          `<module>.U` (m×k), `<module>.V` (n×k), `<module>.bias`
+    SHA256SUMS                            one SHA-256 per shard, in `sha256sum -c` format
 
-`lowrank_config.json` is written last and the directory is renamed into place, so a
-directory that has it is complete.
+The directory is written under a temporary name and renamed into place, so it is complete once it
+exists; SHA256SUMS is written last. With lowrank_engine imported, transformers' `from_pretrained` reads
+the same directory (lowrank_engine.hf_quantizer); `load` below is the thin path without transformers'
+loader, and both give bit-identical models.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,10 +33,14 @@ from lowrank_engine import __version__
 from lowrank_engine.models import find_decoder_blocks, set_submodule
 from lowrank_engine.modules import LowRankLinear
 
-LOWRANK_CONFIG = "lowrank_config.json"
+QUANT_METHOD = "lowrank"  # config.json's quantization_config.quant_method, transformers' registry key
+FORMAT_VERSION = 2  # 1: ranks in lowrank_config.json beside an unchanged config.json, no checksums
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+CHECKSUMS_FILE = "SHA256SUMS"
+LEGACY_CONFIG = "lowrank_config.json"  # format 1's file; only named in the error that refuses it
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -148,7 +159,85 @@ def tensor_nbytes(files: dict[str, str], names: Iterable[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# save / load of a whole (in-memory) compressed model
+# checksums: one SHA-256 per shard, beside the index
+# --------------------------------------------------------------------------------------
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(directory: str) -> None:
+    """SHA256SUMS for every safetensors file in `directory`, readable by `sha256sum -c`."""
+    shards = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors") and not f.startswith("."))
+    lines = "".join(f"{sha256_file(os.path.join(directory, f))}  {f}\n" for f in shards)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(lines)
+        os.replace(tmp, os.path.join(directory, CHECKSUMS_FILE))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_checksums(directory: str) -> Optional[dict[str, str]]:
+    """{shard file name: SHA-256} from SHA256SUMS, or None when the directory has none."""
+    path = os.path.join(directory, CHECKSUMS_FILE)
+    if not os.path.exists(path):
+        return None
+    sums = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            digest, sep, name = line.rstrip("\n").partition("  ")
+            if not sep or len(digest) != 64:
+                raise CheckpointError(f"{path} line {number} is not '<sha256>  <file>'")
+            sums[name.lstrip("*")] = digest
+    return sums
+
+
+def verify_checksums(directory: str, shard_paths: Iterable[str]) -> bool:
+    """Check each shard against SHA256SUMS; False (and a warning) when the directory records none.
+
+    A mismatch raises a CheckpointError naming the file, and the tensors in it that are no longer finite
+    when the header still parses (flipped bytes that stay finite cannot be placed without reading a copy).
+    """
+    sums = read_checksums(directory)
+    if sums is None:
+        logger.warning("%s has no %s (written by save_pretrained?): its shards are not verified",
+                       directory, CHECKSUMS_FILE)
+        return False
+    for path in sorted(set(shard_paths)):
+        name = os.path.basename(path)
+        if name not in sums:
+            raise CheckpointError(f"{path} is not listed in {CHECKSUMS_FILE}")
+        if sha256_file(path) != sums[name]:
+            bad = _non_finite_tensors(path)
+            where = f"; non-finite values in {', '.join(bad[:5])}" if bad else ""
+            raise CheckpointError(f"{path} is corrupt: its SHA-256 differs from the one in {CHECKSUMS_FILE}{where}")
+    return True
+
+
+def _non_finite_tensors(path: str) -> list[str]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return [n for n in f.keys() if not _all_finite(f.get_tensor(n))]
+    except (SafetensorError, OSError, RuntimeError):
+        return []  # the header itself is damaged: the file is all we can name
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def check_finite(state: dict[str, torch.Tensor], files: dict[str, str]) -> None:
+    for name, tensor in state.items():
+        if not _all_finite(tensor):
+            raise CheckpointError(f"{files.get(name, '?')} is corrupt: tensor {name} holds NaN or Inf values")
+
+
+# --------------------------------------------------------------------------------------
+# the quantization_config block of config.json
 # --------------------------------------------------------------------------------------
 def lowrank_ranks(model: nn.Module) -> dict[str, int]:
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
@@ -169,8 +258,10 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def build_lowrank_config(ranks: dict[str, int], method: str, ratio: Optional[float], calibration: dict,
                          extra: Optional[dict] = None) -> dict:
+    """The quantization_config block, less modules_to_not_convert (which needs the model: see `complete`)."""
     return {
-        "format": "lowrank-engine",
+        **(extra or {}),  # provenance first: it can never override a format key
+        "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "engine_version": __version__,
         "method": method,
@@ -178,39 +269,76 @@ def build_lowrank_config(ranks: dict[str, int], method: str, ratio: Optional[flo
         "ratio_convention": "fraction of compressible-linear parameters removed",
         "ranks": dict(sorted(ranks.items())),
         "calibration": calibration,
-        **(extra or {}),
     }
 
 
+def complete_quantization_config(lowrank_config: dict, model: nn.Module) -> dict:
+    """Add modules_to_not_convert: the model's linears that stay dense (lm_head, rank-map exclusions)."""
+    ranks = lowrank_config["ranks"]
+    dense = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in ranks)
+    return {**lowrank_config, "modules_to_not_convert": dense}
+
+
+def save_config(config, quantization_config: dict, directory: str) -> None:
+    """config.json: the base config plus the quantization_config block (the caller's config is untouched)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    config.quantization_config = quantization_config
+    config.save_pretrained(directory)
+
+
+def read_quantization_config(directory: str) -> dict:
+    """The quantization_config of a lowrank checkpoint's config.json, checked; a clear error otherwise."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no config.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            qcfg = json.load(f).get("quantization_config")
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
+    if qcfg is None:
+        if os.path.exists(os.path.join(directory, LEGACY_CONFIG)):
+            raise CheckpointError(f"{directory} is a format-1 lowrank-engine checkpoint ({LEGACY_CONFIG}); "
+                                  f"this engine reads format {FORMAT_VERSION}: compress the model again")
+        raise CheckpointError(f"{directory} is not a lowrank-engine checkpoint (config.json has no quantization_config)")
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD or not isinstance(qcfg.get("ranks"), dict):
+        raise CheckpointError(f"{path}: quantization_config is not a '{QUANT_METHOD}' block with ranks")
+    version = qcfg.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 2:
+        raise CheckpointError(f"{path} has format version {version}; this engine reads {FORMAT_VERSION}")
+    return qcfg
+
+
+def is_lowrank_checkpoint(directory: str) -> bool:
+    """Whether config.json names quant_method "lowrank" (the block itself is checked when loading)."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            qcfg = json.load(f).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return os.path.exists(os.path.join(directory, LEGACY_CONFIG))
+    return (isinstance(qcfg, dict) and qcfg.get("quant_method") == QUANT_METHOD) \
+        or os.path.exists(os.path.join(directory, LEGACY_CONFIG))
+
+
+# --------------------------------------------------------------------------------------
+# save / load of a whole (in-memory) compressed model
+# --------------------------------------------------------------------------------------
 def save(model: nn.Module, directory: str, method: str = "unknown", ratio: Optional[float] = None,
          calibration: Optional[dict] = None, tokenizer=None, extra: Optional[dict] = None) -> str:
-    """Write safetensors + config.json + lowrank_config.json atomically."""
+    """Write config.json (with quantization_config) + safetensors + SHA256SUMS atomically."""
+    qcfg = complete_quantization_config(
+        build_lowrank_config(lowrank_ranks(model), method, ratio, calibration or {}, extra), model)
     with atomic_directory(directory) as tmp:
-        model.config.save_pretrained(tmp)
+        save_config(model.config, qcfg, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         atomic_save_tensors(state_dict_for_saving(model), os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
-        atomic_write_json(build_lowrank_config(lowrank_ranks(model), method, ratio, calibration or {}, extra),
-                          os.path.join(tmp, LOWRANK_CONFIG))
+        write_checksums(tmp)
     return directory
-
-
-def read_lowrank_config(directory: str) -> dict:
-    path = os.path.join(directory, LOWRANK_CONFIG)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{directory} is not a complete lowrank-engine checkpoint (no {LOWRANK_CONFIG})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
-    if cfg.get("format") != "lowrank-engine" or not isinstance(cfg.get("ranks"), dict):
-        raise CheckpointError(f"{path} is not a lowrank-engine config")
-    if cfg.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {cfg['format_version']}; this engine reads ≤ {FORMAT_VERSION}")
-    return cfg
 
 
 def empty_model_from_config(config, trust_remote_code: bool = False) -> nn.Module:
@@ -224,7 +352,7 @@ def empty_model_from_config(config, trust_remote_code: bool = False) -> nn.Modul
 
 
 def install_lowrank_modules(model: nn.Module, ranks: dict[str, int], device="meta") -> None:
-    """Swap the named linears for LowRankLinear shells of the recorded rank."""
+    """Swap the named linears for LowRankLinear shells of the recorded rank (device None: the linear's own)."""
     for name, rank in ranks.items():
         try:
             old = model.get_submodule(name)
@@ -232,9 +360,10 @@ def install_lowrank_modules(model: nn.Module, ranks: dict[str, int], device="met
             raise CheckpointError(f"checkpoint names module {name}, which the model does not have") from exc
         if not isinstance(old, (nn.Linear, LowRankLinear)):
             raise CheckpointError(f"checkpoint names {name}, which is a {type(old).__name__}, not a linear")
-        dtype = old.weight.dtype if isinstance(old, nn.Linear) else old.U.dtype
+        like = old.weight if isinstance(old, nn.Linear) else old.U
         set_submodule(model, name, LowRankLinear(old.in_features, old.out_features, int(rank),
-                                                 bias=old.bias is not None, device=device, dtype=dtype))
+                                                 bias=old.bias is not None, device=device or like.device,
+                                                 dtype=like.dtype))
 
 
 def tie_output_embeddings(model: nn.Module) -> None:
@@ -243,22 +372,32 @@ def tie_output_embeddings(model: nn.Module) -> None:
         out.weight = inp.weight
 
 
-def load(directory: str, device="cpu", trust_remote_code: bool = False):
-    """Rebuild the HF model with its factorized layers; returns (model, lowrank_config)."""
+def _tied_output_names(model: nn.Module) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    out_emb = model.get_output_embeddings()
+    return {n + ".weight" for n, m in model.named_modules() if m is out_emb}
+
+
+def load(directory: str, device="cpu", trust_remote_code: bool = False, verify: bool = True):
+    """Rebuild the HF model with its factorized layers; returns (model, quantization_config).
+
+    `verify` checks each shard's SHA-256 against SHA256SUMS; every floating tensor is checked finite.
+    """
     from transformers import AutoConfig
 
-    cfg = read_lowrank_config(directory)
+    qcfg = read_quantization_config(directory)
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{directory}/config.json cannot be read: {exc}") from exc
-    model = empty_model_from_config(config, trust_remote_code)
-    install_lowrank_modules(model, cfg["ranks"])
     files = tensor_files(directory)
+    if verify:
+        verify_checksums(directory, files.values())
+    model = empty_model_from_config(config, trust_remote_code)
+    install_lowrank_modules(model, qcfg["ranks"])
     expected = set(model.state_dict().keys())
-    tied = getattr(config, "tie_word_embeddings", False)
-    out_emb = model.get_output_embeddings()
-    tied_names = {n + ".weight" for n, m in model.named_modules() if m is out_emb} if tied else set()
+    tied_names = _tied_output_names(model)
     unexpected = set(files) - expected
     if unexpected:
         raise CheckpointError(f"checkpoint has tensors the model lacks: {sorted(unexpected)[:5]}")
@@ -266,23 +405,47 @@ def load(directory: str, device="cpu", trust_remote_code: bool = False):
     if missing:
         raise CheckpointError(f"checkpoint is missing tensors: {sorted(missing)[:5]}")
     state = read_tensors(files, [n for n in expected if n in files], device=device)
+    check_finite(state, files)
     model.load_state_dict(state, strict=False, assign=True)
-    if tied:
+    if tied_names:
         tie_output_embeddings(model)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise CheckpointError(f"checkpoint left parameters unset: {leftover[:5]}")
     find_decoder_blocks(model)  # the architecture must still be one we can stream
+    model.config.quantization_config = qcfg  # so model.save_pretrained writes a checkpoint that loads again
     model.to(device).eval()
-    return model, cfg
+    return model, qcfg
+
+
+def uninitialised_parameters(directory: str, trust_remote_code: bool = False) -> list[str]:
+    """Parameters a plain from_pretrained of `directory` would initialise instead of load.
+
+    Read from the safetensors headers and a meta skeleton, before any weight is loaded; empty when the
+    directory has no safetensors (other formats are left to transformers).
+    """
+    from transformers import AutoConfig
+
+    try:
+        files = tensor_files(directory)
+    except CheckpointError:
+        return []
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    model = empty_model_from_config(config, trust_remote_code)
+    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)} - _tied_output_names(model)
+    return sorted(expected - set(files))
 
 
 def assemble_checkpoint(work_dir: str, output: str, non_block: dict, config, tokenizer, lowrank_config: dict) -> str:
     """Turn a finished run's per-block files into a sharded checkpoint (hard links, then one rename)."""
     blocks_dir = os.path.join(work_dir, "blocks")
     block_files = sorted(f for f in os.listdir(blocks_dir) if f.endswith(".safetensors") and not f.startswith("."))
+    skeleton = empty_model_from_config(config)
+    install_lowrank_modules(skeleton, lowrank_config["ranks"])
+    qcfg = complete_quantization_config(lowrank_config, skeleton)
+    del skeleton
     with atomic_directory(output) as tmp:
-        config.save_pretrained(tmp)
+        save_config(config, qcfg, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         weight_map = {}
@@ -300,5 +463,36 @@ def assemble_checkpoint(work_dir: str, output: str, non_block: dict, config, tok
                 weight_map.update({name: target for name in f.keys()})
         atomic_write_json({"metadata": {"format": "lowrank-engine"}, "weight_map": weight_map},
                           os.path.join(tmp, INDEX_FILE))
-        atomic_write_json(lowrank_config, os.path.join(tmp, LOWRANK_CONFIG))
+        write_checksums(tmp)
     return output
+
+
+def export_dense(directory: str, output: str, dtype: Optional[str] = None, verify: bool = True,
+                 trust_remote_code: bool = False) -> dict:
+    """A plain HF checkpoint with W = U·Vᵀ (bias kept), loadable without lowrank-engine; returns its size and
+    the compressed one's, in bytes of tensors."""
+    model, _ = load(directory, verify=verify, trust_remote_code=trust_remote_code)
+    compressed_bytes = tensor_nbytes(tensor_files(directory), tensor_files(directory))
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LowRankLinear):
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  dtype=module.U.dtype)
+                # the product in float64, rounded once to the stored dtype
+                dense.weight.copy_(module.U.double() @ module.V.double().T)
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+                set_submodule(model, name, dense)
+    del model.config.quantization_config
+    if dtype is not None:
+        model.to(getattr(torch, dtype))
+    with atomic_directory(output) as tmp:
+        model.save_pretrained(tmp)
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        except (OSError, ValueError):
+            logger.warning("%s has no tokenizer; the dense copy has none either", directory)
+    dense_bytes = sum(t.numel() * t.element_size() for t in state_dict_for_saving(model).values())
+    return {"dense_bytes": dense_bytes, "compressed_bytes": compressed_bytes}

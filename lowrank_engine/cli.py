@@ -110,6 +110,7 @@ def _add_eval(sub):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
     p.add_argument("--json", default=None, help="write the record to this JSON file")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint")
+    _add_eval_interop_flags(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -171,13 +172,15 @@ def cmd_compress(args) -> int:
 def cmd_eval(args) -> int:
     from lowrank_engine import checkpoint, data, evaluation, job, models, report
 
-    if os.path.exists(os.path.join(args.model, checkpoint.LOWRANK_CONFIG)):
-        model, cfg = checkpoint.load(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    if checkpoint.is_lowrank_checkpoint(args.model):
+        model, cfg = checkpoint.load(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+                                     verify=args.verify)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         record = {"method": cfg["method"], "ratio": cfg["ratio"]}
     else:
+        refuse_random_linears(args.model, args.trust_remote_code)
         model, tokenizer = models.load_model(args.model, trust_remote_code=args.trust_remote_code)
         model.to(args.device)
         record = {"method": "dense", "ratio": 0.0}
@@ -190,6 +193,8 @@ def cmd_eval(args) -> int:
         dense, _ = models.load_model(args.dense, trust_remote_code=args.trust_remote_code)
         held_out = data.sample_from_model(dense, tokenizer, args.fidelity_samples, 128, seed=10_007)
         record.update(evaluation.fidelity(dense.to(args.device), model, held_out))
+    if args.tasks:
+        record.update(zero_shot_scores(model, tokenizer, args))
     job.print_summary([record])
     if args.json:
         report.write_json([record], args.json)
@@ -219,6 +224,137 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------
+# interoperability: zero-shot tasks, verified loads, dense export, generation (issue 21)
+# --------------------------------------------------------------------------------------
+def _task_list(value: str) -> list:
+    from lowrank_engine import zeroshot
+
+    try:
+        return zeroshot.parse_tasks(value)
+    except zeroshot.ZeroShotError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _add_verify_flag(p):
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the SHA-256 check of each shard against SHA256SUMS (factors are still checked finite)")
+
+
+def _add_eval_interop_flags(p):
+    p.add_argument("--tasks", type=_task_list, default=None,
+                   help="comma-separated zero-shot tasks scored by lm-eval's HF wrapper: arc_easy, arc_challenge, "
+                        "piqa, openbookqa, lambada_openai; data from $LOWRANK_ENGINE_DATA/zeroshot when set, "
+                        "else lm-eval's hub data sets")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: score only the first N documents of each task")
+    p.add_argument("--tasks-batch-size", type=int, default=16, help="zero-shot: requests per forward")
+    _add_verify_flag(p)
+
+
+def refuse_random_linears(spec: str, trust_remote_code: bool = False) -> None:
+    """Stop before loading a local checkpoint whose parameters transformers would initialise, not load."""
+    from lowrank_engine import checkpoint
+
+    if not os.path.isdir(spec):
+        return
+    missing = checkpoint.uninitialised_parameters(spec, trust_remote_code)
+    if missing:
+        factors = any(n.endswith((".U", ".V")) for n in checkpoint.tensor_files(spec))
+        why = (" its shards hold low-rank factors (.U/.V) but config.json has no quantization_config with "
+               f"quant_method '{checkpoint.QUANT_METHOD}'" if factors else "")
+        raise checkpoint.CheckpointError(
+            f"{spec}: {len(missing)} parameters ({missing[0]}, ...) are not in the checkpoint and would be "
+            f"initialised at random;{why or ' refusing to evaluate a random model'}")
+
+
+def zero_shot_scores(model, tokenizer, args) -> dict:
+    """Score args.tasks through lm-eval, print them, and return them as record columns."""
+    from lowrank_engine import report, zeroshot
+
+    scores = zeroshot.evaluate(model, tokenizer, args.tasks, limit=args.limit, batch_size=args.tasks_batch_size)
+    print(report.format_table([{"task": t, **row} for t, row in scores.items()], ("task",) + zeroshot.METRICS + ("n",)))
+    return zeroshot.flatten(scores)
+
+
+def _add_export(sub):
+    p = sub.add_parser(
+        "export", help="write a plain Hugging Face checkpoint with W = U·Vᵀ, for tools that cannot take factors",
+        description="Multiply each factor pair back into one dense weight W = U·Vᵀ and write a plain Hugging Face "
+                    "checkpoint that loads anywhere without lowrank-engine (transformers, llama.cpp converters, "
+                    "other engines). It exists only for tools that cannot read low-rank factors: it keeps the "
+                    "compressed model's quality but none of its savings. It is as large and as slow as the "
+                    "uncompressed model: each factorized m×n linear grows from k·(m+n) to m·n numbers, so at ratio r "
+                    "the linears take 1/(1−r) times the compressed checkpoint's bytes (1.67x at 0.4). The sizes "
+                    "are printed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="compressed checkpoint directory")
+    p.add_argument("--dense", required=True, metavar="OUT", help="directory for the dense copy (must not exist)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: the checkpoint's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint")
+    _add_verify_flag(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from lowrank_engine import checkpoint
+
+    sizes = checkpoint.export_dense(args.model, args.dense, dtype=args.dtype, verify=args.verify,
+                                    trust_remote_code=args.trust_remote_code)
+    print(f"dense checkpoint: {args.dense} ({sizes['dense_bytes'] / 2**20:,.1f} MiB; the compressed one holds "
+          f"{sizes['compressed_bytes'] / 2**20:,.1f} MiB)")
+    return 0
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="text from a checkpoint, to see whether it is still coherent",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="compressed checkpoint directory, or a dense model spec")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled at this temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="compute device")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint")
+    _add_verify_flag(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from transformers import AutoTokenizer
+
+    from lowrank_engine import checkpoint, models
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--max-new-tokens must be ≥ 1, --temperature ≥ 0 and --top-p in (0, 1]")
+    if checkpoint.is_lowrank_checkpoint(args.model):
+        model, _ = checkpoint.load(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+                                   verify=args.verify)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    else:
+        refuse_random_linears(args.model, args.trust_remote_code)
+        model, tokenizer = models.load_model(args.model, trust_remote_code=args.trust_remote_code)
+        model.to(args.device)
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    else:
+        prompt = args.prompt
+    inputs = tokenizer(prompt, return_tensors="pt").to(args.device)
+    sample = args.temperature > 0
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                             temperature=args.temperature if sample else None, top_p=args.top_p if sample else None,
+                             top_k=None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(args.prompt if not args.chat else "", end="")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-engine", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_eval(sub)
     _add_info(sub)
+    _add_export(sub)
+    _add_generate(sub)
     return parser
 
 

@@ -26,7 +26,8 @@ def test_round_trip_is_bit_identical(tmp_path, kind):
     loaded, cfg = checkpoint.load(str(out))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
-    assert cfg["method"] == "svd-llm" and cfg["ratio"] == 0.4
+    assert cfg["method"] == "svd-llm" and cfg["ratio"] == 0.4 and cfg["quant_method"] == "lowrank"
+    assert cfg["modules_to_not_convert"] == ["lm_head"]
     assert cfg["engine_version"] and cfg["calibration"]["nsamples"] == 4
     assert cfg["ranks"]["model.layers.0.self_attn.q_proj"] == loaded.model.layers[0].self_attn.q_proj.rank
     assert isinstance(loaded.model.layers[1].mlp.down_proj, LowRankLinear)
@@ -53,7 +54,7 @@ def test_crash_during_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "atomic_write_json", boom)
+    monkeypatch.setattr(checkpoint, "write_checksums", boom)  # the last step
     with pytest.raises(OSError):
         checkpoint.save(model, str(tmp_path / "ckpt"))
     assert os.listdir(tmp_path) == []
@@ -79,10 +80,21 @@ def test_incomplete_or_foreign_directories_are_reported(tmp_path):
     model, _ = _compressed()
     out = tmp_path / "ckpt"
     checkpoint.save(model, str(out))
-    cfg = json.loads((out / checkpoint.LOWRANK_CONFIG).read_text())
-    cfg["ranks"]["model.layers.0.self_attn.q_proj"] += 1
-    (out / checkpoint.LOWRANK_CONFIG).write_text(json.dumps(cfg))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["ranks"]["model.layers.0.self_attn.q_proj"] += 1
+    (out / "config.json").write_text(json.dumps(config))
     with pytest.raises((checkpoint.CheckpointError, RuntimeError), match="size|shape|q_proj"):
+        checkpoint.load(str(out))
+    config["quantization_config"]["format_version"] = checkpoint.FORMAT_VERSION + 1
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(checkpoint.CheckpointError, match="format version"):
+        checkpoint.load(str(out))
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(checkpoint.CheckpointError, match="no quantization_config"):
+        checkpoint.load(str(out))
+    (out / checkpoint.LEGACY_CONFIG).write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="format-1"):
         checkpoint.load(str(out))
 
 
@@ -95,8 +107,10 @@ def test_missing_tensor_is_reported(tmp_path):
     tensors = load_file(str(out / checkpoint.SINGLE_FILE))
     tensors.pop("model.layers.1.mlp.up_proj.U")
     save_file(tensors, str(out / checkpoint.SINGLE_FILE))
-    with pytest.raises(checkpoint.CheckpointError, match="missing"):
+    with pytest.raises(checkpoint.CheckpointError, match="SHA-256"):
         checkpoint.load(str(out))
+    with pytest.raises(checkpoint.CheckpointError, match="missing"):
+        checkpoint.load(str(out), verify=False)
 
 
 def test_lowrank_linear_matches_dense_product():
