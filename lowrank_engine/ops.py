@@ -68,8 +68,8 @@ def _triton_kernels():
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if _backend == "reference":
-        return False
+    if _backend == "reference" or (_backend == "auto" and not t.is_cuda):
+        return False  # decided before probing Triton: a decode step calls this once per linear
     kernels = _triton_kernels()
     if _backend == "triton":
         if kernels is None:

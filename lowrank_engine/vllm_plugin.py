@@ -53,6 +53,12 @@ def register() -> None:
     register_quantization_config(QUANT_METHOD)(LowRankConfig)
 
 
+def factorized_layers(model: torch.nn.Module) -> list[str]:
+    """The vLLM layers the lowrank method serves; `LLM(...).apply_model(factorized_layers)` lists them."""
+    return sorted(name for name, module in model.named_modules()
+                  if isinstance(getattr(module, "quant_method", None), LowRankLinearMethod))
+
+
 def _check_quantization_config(config: Any) -> dict:
     where = "config.json's quantization_config"
     if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:

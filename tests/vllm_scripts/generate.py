@@ -9,12 +9,9 @@ import argparse
 import json
 import os
 
-# apply_model below ships a function to the engine process, which vLLM only does with this set
+# apply_model below ships a function (by reference: an importable one) to the engine's worker, which
+# vLLM only does with this set
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-
-
-def parameter_shapes(model):
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def main():
@@ -29,17 +26,18 @@ def main():
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from lowrank_engine.vllm_plugin import factorized_layers
+
     with open(args.prompts) as f:
         prompts = json.load(f)
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, seed=0)
     # every layer the plugin factorized must run the low-rank method: a silent dense fallback would pass
     # an equivalence test only by accident
-    params = llm.apply_model(parameter_shapes)[0]
-    factorized = sorted(name for name in params if name.endswith(".V"))
+    factorized = llm.apply_model(factorized_layers)[0]
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling)
     result = {"tokens": [list(out.outputs[0].token_ids) for out in outputs],
-              "factorized_layers": [name[:-2] for name in factorized],
+              "factorized_layers": factorized,
               "compilation_mode": str(llm.llm_engine.vllm_config.compilation_config.mode)}
     with open(args.out, "w") as f:
         json.dump(result, f)
