@@ -170,7 +170,7 @@ def test_vllm_serve_answers_a_completion(serve_python, compressed_smollm2, tmp_p
     vllm = str(Path(serve_python).parent / "vllm")
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([vllm, "serve", str(compressed_smollm2), "--host", "127.0.0.1", "--port", str(port),
-                               "--max-model-len", "512", "--served-model-name", "smollm2-lowrank"],
+                               "--max-model-len", "512", "--dtype", "float32", "--served-model-name", "smollm2-lowrank"],
                               stdout=log, stderr=subprocess.STDOUT, env=serve_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + 900
