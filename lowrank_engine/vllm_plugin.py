@@ -161,7 +161,6 @@ class LowRankLinearMethod(LinearMethodBase):
         row_parallel = isinstance(layer, RowParallelLinear)
         rank_offsets = [sum(self.ranks[:i]) for i in range(len(self.ranks))]
         u_sizes = [rows * k for rows, k in zip(output_partition_sizes, self.ranks)]
-        layer.lowrank_row_parallel = row_parallel
         layer.lowrank_rows = tuple(output_partition_sizes)  # each projection's output rows on this rank
         layer.lowrank_ranks = tuple(self.ranks)
         layer.lowrank_u_offsets = tuple(sum(u_sizes[:i]) for i in range(len(u_sizes)))
