@@ -36,6 +36,7 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -170,8 +171,9 @@ def kernels_commands(ctx):
 def kernels_details(ctx):
     rows = read_json(ctx.out, "kernels.json")
     done = [r for r in rows if not r.get("skipped")]
-    errors = [max(r.get("max_rel_err", 0), r.get("max_rel_err_A", 0)) for r in done if r["bench"] != "e2e_decode"]
-    return {"measured": len(done), "skipped": len(rows) - len(done), "worst_rel_err": max(errors) if errors else None}
+    errors = [r.get("max_rel_err", math.nan) for r in done if r["bench"] != "e2e_decode"]
+    worst = math.nan if any(e != e for e in errors) else max(errors, default=None)  # a NaN error is the worst
+    return {"measured": len(done), "skipped": len(rows) - len(done), "worst_rel_err": worst}
 
 
 def tests_commands(ctx):
@@ -377,6 +379,8 @@ def verdict(records):
     if kernels is None or kernels["status"] != "passed":
         why.append("the kernel benchmark did not finish with every configuration within tolerance"
                    if kernels else "the kernel benchmark did not run")
+    elif kernels.get("skipped"):
+        why.append(f"the kernel benchmark left {kernels['skipped']} configurations unmeasured")
     return not why, why
 
 

@@ -438,11 +438,12 @@ def uninitialised_parameters(directory: str, trust_remote_code: bool = False) ->
     return sorted(expected - set(files))
 
 
-def assemble_checkpoint(work_dir: str, output: str, non_block: dict, config, tokenizer, lowrank_config: dict) -> str:
+def assemble_checkpoint(work_dir: str, output: str, non_block: dict, config, tokenizer, lowrank_config: dict,
+                        trust_remote_code: bool = False) -> str:
     """Turn a finished run's per-block files into a sharded checkpoint (hard links, then one rename)."""
     blocks_dir = os.path.join(work_dir, "blocks")
     block_files = sorted(f for f in os.listdir(blocks_dir) if f.endswith(".safetensors") and not f.startswith("."))
-    skeleton = empty_model_from_config(config)
+    skeleton = empty_model_from_config(config, trust_remote_code)
     install_lowrank_modules(skeleton, lowrank_config["ranks"])
     qcfg = complete_quantization_config(lowrank_config, skeleton)
     del skeleton

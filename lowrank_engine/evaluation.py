@@ -26,7 +26,8 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False, desc: str = "ppl") -> float:
     """exp of the mean over windows of each window's mean NLL (DESIGN §4)."""
-    return math.exp(float(window_nll(model, windows, batch_size, progress, desc).mean()))
+    mean_nll = float(window_nll(model, windows, batch_size, progress, desc).mean())
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf  # exp overflows past ~709.8
 
 
 @torch.no_grad()

@@ -227,6 +227,7 @@ def run_job(spec: JobSpec) -> dict:
     compressor.memory_plan(calib.input_ids)  # a budget that cannot hold one block fails before any output exists
     distributed.barrier()  # every rank has checked the output paths before any creates them
     lock = workdir.WorkDirLock(work_dir)  # one process per output; rank 0 holds it for its peers
+    created = spec.save and not os.path.exists(work_dir)
     if spec.save:
         os.makedirs(work_dir, exist_ok=True)
         if distributed.rank() == 0:
@@ -240,8 +241,12 @@ def run_job(spec: JobSpec) -> dict:
                                                          {"beta_search": spec.beta_search, "base_model": spec.model})
         if spec.save:
             checkpoint.assemble_checkpoint(work_dir, output, source.non_block_state(), config, tokenizer,
-                                           lowrank_config)
+                                           lowrank_config, trust_remote_code=spec.trust_remote_code)
             shutil.rmtree(work_dir, ignore_errors=True)
+    except ValueError:  # bad input (NaN activations, an unsupported model): a resume would fail alike
+        if created and distributed.rank() == 0:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
     finally:
         lock.release()
     if spec.save:
@@ -288,8 +293,9 @@ def check_figures(record: dict) -> None:
     """A NaN or Inf figure is a failed evaluation, never a number to report."""
     bad = [name for name in FIGURES if isinstance(record.get(name), float) and not math.isfinite(record[name])]
     if bad:
+        kept = f"; the checkpoint is kept at {record['output']} for inspection" if record.get("output") else ""
         raise EvaluationError(f"evaluation failed: {', '.join(f'{n} is {record[n]}' for n in bad)} "
-                              "(the model's outputs are not finite)")
+                              f"(the model's outputs are not finite){kept}")
 
 
 def print_summary(records: list, stream=None) -> str:

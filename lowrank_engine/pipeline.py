@@ -588,7 +588,7 @@ class LazyBlockSource(BlockSource):
 
     def identity(self) -> str:
         config = os.path.join(self.directory, "config.json")
-        return workdir.files_identity([*self.files.values(), *([config] if os.path.exists(config) else [])])
+        return workdir.files_identity(self.files.values(), config if os.path.exists(config) else None)
 
     def resident_bytes(self) -> int:
         """Compressed blocks kept in memory (for evaluation) accumulate; streamed ones go to disk."""
@@ -994,11 +994,11 @@ class Compressor:
         if self.method.diagonal == "fisher" and self.fisher is None:
             raise ValueError("fwsvd needs Fisher statistics: set Compressor.fisher = fisher.column_fisher(model, ids)")
         plan = self.memory_plan(input_ids)  # before any work: a budget that cannot fit one block fails here
+        done = self._resume_state(input_ids)  # fingerprints every window, before they are split over ranks
         input_ids = distributed.shard(input_ids)  # each rank streams its own windows
         self._say(plan.describe())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        done = self._resume_state(input_ids)
         spill = os.path.join(self.work_dir, "streams", f"rank{self.rank}") if self.work_dir else None
         self.store = streams.StreamStore(self.offload, self.device, spill)
         try:

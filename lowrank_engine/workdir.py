@@ -15,7 +15,7 @@ import json
 import os
 import struct
 from dataclasses import asdict
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -40,7 +40,7 @@ class WorkDirLock:
         self.path = os.path.join(work_dir, LOCK_FILE)
         self._fd = None
 
-    def acquire(self) -> "WorkDirLock":
+    def acquire(self, record_pid: bool = True) -> "WorkDirLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -49,8 +49,9 @@ class WorkDirLock:
             os.close(fd)
             raise WorkDirBusy(f"{self.work_dir} is in use by another lowrank-engine process"
                               f"{f' (pid {holder})' if holder else ''}; wait for it to finish or stop it") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        if record_pid:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
         self._fd = fd
         return self
 
@@ -69,7 +70,7 @@ class WorkDirLock:
 def check_not_busy(work_dir: str) -> None:
     """Fail early, before any work, when another process is running in `work_dir`."""
     if os.path.exists(os.path.join(work_dir, LOCK_FILE)):
-        WorkDirLock(work_dir).acquire().release()
+        WorkDirLock(work_dir).acquire(record_pid=False).release()
 
 
 # --------------------------------------------------------------------------------------
@@ -97,9 +98,15 @@ def _file_parts(path: str):
             yield f.read(SAMPLE_BYTES)
 
 
-def files_identity(paths: Iterable[str]) -> str:
-    """Identity of a safetensors checkpoint (and its config.json, when given)."""
-    return _digest(part for path in sorted(set(paths)) for part in _file_parts(path))
+def files_identity(paths: Iterable[str], config: Optional[str] = None) -> str:
+    """Identity of a safetensors checkpoint, and of its config.json (hashed whole) when given."""
+    def parts():
+        for path in sorted(set(paths)):
+            yield from _file_parts(path)
+        if config is not None:
+            with open(config, "rb") as f:
+                yield f.read()
+    return _digest(parts())
 
 
 def tensors_identity(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:

@@ -1,6 +1,7 @@
 """benchmarks/device_suite.py: its CPU dry run end to end, and the parts that decide what a GPU run reports."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -118,3 +119,13 @@ def test_a_failed_build_keeps_the_compilers_error_lines():
     assert details["extension"] == {"loaded": False, "path": None, "cuda": False}
     assert details["plan"].startswith("building lowrank_engine._C (CPU+CUDA")
     assert details["build_error"].splitlines() == [log.splitlines()[4][len("lowrank-engine: "):], log.splitlines()[2]]
+
+
+def test_not_verified_when_kernel_configurations_went_unmeasured_or_erred_nan(tmp_path):
+    records = [{"step": "tests", "status": "passed"}, {"step": "kernels", "status": "passed", "skipped": 2}]
+    ok, why = suite.verdict(records)
+    assert not ok and "2 configurations unmeasured" in why[0]
+    rows = [{"bench": "covariance", "max_rel_err": 1e-6}, {"bench": "lowrank", "max_rel_err": float("nan")}]
+    (tmp_path / "kernels.json").write_text(json.dumps(rows))
+    details = suite.kernels_details(type("Ctx", (), {"out": str(tmp_path)})())
+    assert details["measured"] == 2 and math.isnan(details["worst_rel_err"])

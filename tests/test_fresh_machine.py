@@ -114,6 +114,7 @@ def test_nan_weights_are_named_with_self_calibration(nan_checkpoint, tmp_path, c
 def test_nan_weights_are_named_with_a_data_set(nan_checkpoint, tmp_path, capsys):
     assert run_cli(*_compress_args(nan_checkpoint, tmp_path / "o")) == 2
     _one_line_error(capsys, "NaN or Inf", "block 1")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()  # block 0 was written, then removed
 
 
 def test_an_unreachable_named_data_set_is_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
@@ -263,3 +264,16 @@ def test_json_never_holds_nan(tmp_path):
 
     report.write_json([{"a": math.nan, "b": [1.0, math.inf], "c": {"d": -math.inf}, "e": 2.5}], tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text()) == [{"a": None, "b": [1.0, None], "c": {"d": None}, "e": 2.5}]
+
+
+def test_the_fingerprint_sees_every_window_before_they_are_split_over_processes(tmp_path, monkeypatch):
+    """Each process streams its own share of the windows: the fingerprint still covers all of them."""
+    monkeypatch.setattr(pipeline.distributed, "shard", lambda ids: ids[:2])  # this process's share
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = pipeline.CompressionConfig(method="svd-llm", ratio=0.3)
+    work = str(tmp_path / "w")
+    pipeline.compress_model(tiny_model("llama"), ids, cfg, work_dir=work, progress=False)
+    other = ids.clone()
+    other[3] = (other[3] + 1) % 96  # only another process's windows differ
+    with pytest.raises(ValueError, match="different settings.*calibration"):
+        pipeline.compress_model(tiny_model("llama"), other, cfg, work_dir=work, progress=False)
