@@ -372,7 +372,7 @@ def tie_output_embeddings(model: nn.Module) -> None:
         out.weight = inp.weight
 
 
-def _tied_output_names(model: nn.Module) -> set[str]:
+def tied_output_names(model: nn.Module) -> set[str]:
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
     out_emb = model.get_output_embeddings()
@@ -397,7 +397,7 @@ def load(directory: str, device="cpu", trust_remote_code: bool = False, verify: 
     model = empty_model_from_config(config, trust_remote_code)
     install_lowrank_modules(model, qcfg["ranks"])
     expected = set(model.state_dict().keys())
-    tied_names = _tied_output_names(model)
+    tied_names = tied_output_names(model)
     unexpected = set(files) - expected
     if unexpected:
         raise CheckpointError(f"checkpoint has tensors the model lacks: {sorted(unexpected)[:5]}")
@@ -434,7 +434,7 @@ def uninitialised_parameters(directory: str, trust_remote_code: bool = False) ->
     if getattr(config, "quantization_config", None) is not None:
         return []  # another method's quantizer renames and builds its own layers
     model = empty_model_from_config(config, trust_remote_code)
-    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)} - _tied_output_names(model)
+    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)} - tied_output_names(model)
     return sorted(expected - set(files))
 
 

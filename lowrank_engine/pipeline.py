@@ -553,10 +553,7 @@ class LazyBlockSource(BlockSource):
                 "which a block-by-block reader cannot do; this checkpoint layout is not supported")
         prefix = self.blocks_name + "."
         expected = set(model.state_dict())
-        output = model.get_output_embeddings()
-        tied = {n + ".weight" for n, m in model.named_modules() if m is output} \
-            if output is not None and getattr(config, "tie_word_embeddings", False) else set()
-        absent = sorted(expected - set(self.stored) - tied)
+        absent = sorted(expected - set(self.stored) - checkpoint.tied_output_names(model))
         if absent:  # found now, not when the block that needs them is reached
             raise checkpoint.CheckpointError(f"{directory} lacks {len(absent)} tensors the model needs: {absent[:5]}")
         rest = [n for n in expected if not n.startswith(prefix) and n in self.stored]
