@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_engine import checkpoint, distributed, memory, ops, refine, solvers, streams, workdir
+from lowrank_engine.config import CompressionConfig
 from lowrank_engine.models import (UnsupportedArchitecture, block_linears, checkpoint_names, find_decoder_blocks,
                                    set_submodule, warn_if_untested)
 from lowrank_engine.modules import LowRankLinear
@@ -35,40 +36,6 @@ logger = logging.getLogger("lowrank_engine")
 
 class ActivationError(ValueError):
     """NaN or Inf reached a layer's input."""
-
-
-@dataclass
-class CompressionConfig:
-    method: str = "saes"
-    ratio: Optional[float] = 0.2
-    rank_map: Optional[dict] = None  # full module name → rank; overrides the ratio for those modules
-    beta_search: str = "exact"
-    beta_max: float = solvers.BETA_MAX
-    eps_rel: float = 1e-6
-    device: str = "cpu"
-    offload: str = "none"  # where the activation streams live: none (device), cpu (pinned), disk (mmapped files)
-    batch_size: int = 8
-    solve_dtype: Optional[str] = None  # float64 on CPU, float32 on GPU by default
-    compute_dtype: Optional[str] = None  # blocks run in it; default: the checkpoint's, float32 for bf16/fp16 on CPU
-    track_error: bool = True  # propagate X' for single-stream methods too, to report the per-block error
-    max_memory: Optional[str] = None  # e.g. "20GiB" (compute device) or "cuda:60GiB,cpu:24GiB"
-    residual_split: float = solvers.RESIDUAL_SPLIT  # erc-svd: share of each rank for stage 1
-    residual_stage2: str = solvers.RESIDUAL_STAGE2  # erc-svd: stage 2's objective (aa-svd or shift-aware)
-    refine: bool = False  # AA-SVD stage 2 after any method: tune factors and norms on ‖Block(X) − Block'(X')‖²
-    refine_passes: int = 25
-    refine_lr: float = 1e-4
-    refine_weight_decay: float = 0.01
-    refine_warmup: float = 0.1
-    refine_final_lr_ratio: float = 0.1
-    refine_clip: float = 1.0
-    refine_tokens: Optional[int] = None  # per pass; None: every calibration token
-    refine_micro_batch: Optional[int] = None  # windows per optimizer step; None: the stream batch
-
-    def refine_config(self) -> refine.RefineConfig:
-        return refine.RefineConfig(passes=self.refine_passes, lr=self.refine_lr, weight_decay=self.refine_weight_decay,
-                                   warmup=self.refine_warmup, final_lr_ratio=self.refine_final_lr_ratio,
-                                   clip=self.refine_clip, max_tokens=self.refine_tokens,
-                                   micro_batch=self.refine_micro_batch)
 
 
 @dataclass
@@ -656,16 +623,8 @@ class Compressor:
     def __init__(self, source: BlockSource, cfg: CompressionConfig, work_dir: Optional[str] = None,
                  progress: bool = True):
         self.source, self.cfg, self.work_dir, self.progress = source, cfg, work_dir, progress
+        cfg.validate()
         self.method = solvers.get_method(cfg.method)
-        if cfg.beta_search not in solvers.BETA_SEARCHES:
-            raise ValueError(f"unknown beta search {cfg.beta_search!r}; choose {', '.join(solvers.BETA_SEARCHES)}")
-        if cfg.ratio is not None and not 0.0 < cfg.ratio < 1.0:
-            raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {cfg.ratio}")
-        cfg.refine_config().validate()
-        if not 0.0 < cfg.residual_split <= 1.0:
-            raise ValueError(f"residual split must be in (0, 1], got {cfg.residual_split}")
-        if cfg.ratio is None and not cfg.rank_map:
-            raise ValueError("give a ratio or a rank map")
         if cfg.rank_map:  # before any output exists
             validate_rank_map(cfg.rank_map, {f"{source.blocks_name}.{i}.{n}": m for i in range(len(source.blocks))
                                              for n, m in block_linears(source.blocks[i]).items()})
@@ -879,7 +838,7 @@ class Compressor:
         if cfg.refine:
             settled = None  # refinement moves every factor: nothing stays final
             with self._timed("refine"):
-                report.refine = refine.refine_block(comp, xp_stream, x_next, kwargs, self.device, cfg.refine_config(),
+                report.refine = refine.refine_block(comp, xp_stream, x_next, kwargs, self.device, cfg,
                                                     run_block)
         if not two_stream and not cfg.track_error and not cfg.refine:  # X' feeds only the error report
             return comp, x_next, self.store.stream("xp"), report

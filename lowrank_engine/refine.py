@@ -10,31 +10,13 @@ scales toward 1, neither of which is a prior worth having.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
 
 from lowrank_engine import distributed
+from lowrank_engine.config import CompressionConfig
 from lowrank_engine.modules import LowRankLinear
-
-
-@dataclass
-class RefineConfig:
-    passes: int = 25
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: float = 0.1  # fraction of the steps
-    final_lr_ratio: float = 0.1
-    clip: float = 1.0
-    max_tokens: Optional[int] = None  # per pass: use only the first batches up to this many tokens
-    micro_batch: Optional[int] = None  # windows per optimizer step; None: one step per stream batch
-
-    def validate(self) -> None:
-        if (self.passes < 0 or self.lr <= 0 or not 0 <= self.warmup < 1 or self.clip <= 0
-                or (self.micro_batch is not None and self.micro_batch < 1)):
-            raise ValueError(f"bad refinement settings: {self}")
 
 
 def factor_and_norm_parameters(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -54,10 +36,10 @@ def trainable_parameters(block: nn.Module) -> list[nn.Parameter]:
     return factors + norms
 
 
-def parameter_groups(block: nn.Module, cfg: RefineConfig) -> list[dict]:
-    """AdamW groups: the factors decay with `cfg.weight_decay`, the norm weights not at all."""
+def parameter_groups(block: nn.Module, cfg: CompressionConfig) -> list[dict]:
+    """AdamW groups: the factors decay with `cfg.refine_weight_decay`, the norm weights not at all."""
     factors, norms = factor_and_norm_parameters(block)
-    return [group for group in ({"params": factors, "weight_decay": cfg.weight_decay},
+    return [group for group in ({"params": factors, "weight_decay": cfg.refine_weight_decay},
                                 {"params": norms, "weight_decay": 0.0}) if group["params"]]
 
 
@@ -96,44 +78,43 @@ def balance_factors(block: nn.Module) -> None:
             module.V.div_(scale)
 
 
-def _adamw(params: list, cfg: RefineConfig) -> torch.optim.Optimizer:
+def _adamw(params: list, cfg: CompressionConfig) -> torch.optim.Optimizer:
     """AdamW with its fused kernel where the device has one: the default per-tensor loop took 11 ms a
     step on 2 CPU cores for a SmolLM2 block's 16 tensors, the fused step 1 ms (the best preset takes
     192 steps per block). `params`: parameters or parameter groups (a group's own weight decay wins)."""
     try:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=cfg.refine_lr, weight_decay=cfg.refine_weight_decay, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.refine_lr, weight_decay=cfg.refine_weight_decay)
 
 
-def learning_rate(step: int, total: int, cfg: RefineConfig) -> float:
-    warm = math.ceil(cfg.warmup * total)
+def learning_rate(step: int, total: int, cfg: CompressionConfig) -> float:
+    warm = math.ceil(cfg.refine_warmup * total)
     if step < warm:
-        return cfg.lr * (step + 1) / warm
+        return cfg.refine_lr * (step + 1) / warm
     progress = (step - warm) / max(total - warm, 1)
-    return cfg.lr * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.refine_lr * (cfg.refine_final_lr_ratio + (1 - cfg.refine_final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: RefineConfig,
+def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: CompressionConfig,
                  run_block) -> dict:
     """Minimize mean ‖Block'(X') − Block(X)‖² over the batches in place; returns the first and last pass's
     mean loss. `inputs` (X') and `targets` (Block(X)) are streams of per-batch tensors."""
-    cfg.validate()
     batches = []
     tokens = 0
     for b in range(len(inputs)):
-        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
+        if cfg.refine_tokens is not None and tokens >= cfg.refine_tokens:
             break
         batches.append(b)
         tokens += inputs[b].shape[0] * inputs[b].shape[1]
     # every rank takes the same number of steps on its own windows; gradients are averaged
     batches = batches[:int(-distributed.all_reduce_max(-float(len(batches))))]
     # (batch, window slice) per optimizer step: smaller steps give more updates for the same FLOPs
-    steps = [(b, slice(s, s + (cfg.micro_batch or inputs[b].shape[0])))
-             for b in batches for s in range(0, inputs[b].shape[0], cfg.micro_batch or inputs[b].shape[0])]
+    steps = [(b, slice(s, s + (cfg.refine_micro_batch or inputs[b].shape[0])))
+             for b in batches for s in range(0, inputs[b].shape[0], cfg.refine_micro_batch or inputs[b].shape[0])]
     params = trainable_parameters(block)
     factorized = any(isinstance(m, LowRankLinear) for m in block.modules())
-    if not factorized or not steps or cfg.passes == 0:  # a block kept dense is not tuned
+    if not factorized or not steps or cfg.refine_passes == 0:  # a block kept dense is not tuned
         return {"first_loss": float("nan"), "last_loss": float("nan"), "steps": 0}
     # fp32 for the optimizer state and updates, even in a bf16 block; every tensor gets its dtype back
     param_state = {n: (p.dtype, p.requires_grad) for n, p in block.named_parameters()}
@@ -144,11 +125,11 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
     for p in params:
         p.requires_grad_(True)
     optimizer = _adamw(parameter_groups(block, cfg), cfg)
-    total = cfg.passes * len(steps)
+    total = cfg.refine_passes * len(steps)
     losses = []
     step = 0
     with torch.enable_grad():
-        for _ in range(cfg.passes):
+        for _ in range(cfg.refine_passes):
             pass_loss = 0.0
             for b, part in steps:
                 for group in optimizer.param_groups:
@@ -164,7 +145,7 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: R
                             p.grad = torch.zeros_like(p)
                         distributed.all_reduce_sum_(p.grad)
                         p.grad /= distributed.world_size()
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.refine_clip)
                 optimizer.step()
                 pass_loss += float(loss.detach())
                 step += 1

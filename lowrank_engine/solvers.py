@@ -504,6 +504,7 @@ def _target(W: torch.Tensor, name: str, stats: GroupStatistics, coeffs: Coeffici
 
 RESIDUAL_SPLIT = 0.75  # ERC-SVD: share of each rank given to stage 1
 RESIDUAL_STAGE2 = "aa-svd"
+RESIDUAL_STAGE2_METHODS = ("aa-svd", "shift-aware")  # ERC's residual stage needs a two-stream objective
 
 
 def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[str, int], stats: GroupStatistics,
@@ -568,10 +569,10 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
                 k1 = min(k, max(1, round(residual_split * k)))
                 f = factorize_whitened(G, white.L_inv_T, k1)
                 if k > k1:
-                    stage2 = get_method(residual_stage2).coefficients
-                    if stage2 is None or not stage2.needs & {"B", "C"}:
-                        raise ValueError(f"ERC stage 2 needs a two-stream objective (shift-aware or aa-svd), "
+                    if residual_stage2 not in RESIDUAL_STAGE2_METHODS:
+                        raise ValueError(f"ERC stage 2 needs a two-stream objective ({', '.join(RESIDUAL_STAGE2_METHODS)}), "
                                          f"got {residual_stage2!r}")
+                    stage2 = get_method(residual_stage2).coefficients
                     if white2 is None:  # shared by the group, like stage 1's
                         (white2,) = whiten_many([combine_metric(stage2, stats)], eps_rel)
                     f = solve_residual(W, f, stats, stage2, k - k1, eps_rel, white2)

@@ -6,6 +6,7 @@ import torch
 
 from conftest import tiny_model
 from lowrank_engine import pipeline, refine
+from lowrank_engine.config import CompressionConfig
 from lowrank_engine.modules import LowRankLinear
 
 
@@ -14,7 +15,7 @@ def _ids(n=6, t=24, seed=0):
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():
-    cfg = refine.RefineConfig(passes=10, lr=1e-3)
+    cfg = CompressionConfig(refine_passes=10, refine_lr=1e-3)
     lrs = [refine.learning_rate(s, 100, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # 10% linear warm-up
     assert max(lrs) == pytest.approx(1e-3)
@@ -60,7 +61,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="refinement"):
         pipeline.compress_model(tiny_model(), _ids(), pipeline.CompressionConfig(refine=True, refine_lr=-1.0),
                                 progress=False)
-    assert math.isfinite(refine.learning_rate(0, 1, refine.RefineConfig()))
+    assert math.isfinite(refine.learning_rate(0, 1, CompressionConfig()))
 
 
 def test_dense_modules_get_no_gradients_and_keep_their_flags():
@@ -130,13 +131,13 @@ def test_slice_batch_cuts_per_window_tensors_and_shares_broadcast_ones():
 def test_fused_adamw_takes_the_reference_steps():
     """The refinement's optimizer is AdamW's fused kernel on the CPU, and it moves the parameters as the
     per-tensor AdamW does (odd shapes, fresh gradients every step)."""
-    cfg = refine.RefineConfig(lr=1e-2, weight_decay=0.01)
+    cfg = CompressionConfig(refine_lr=1e-2, refine_weight_decay=0.01)
     fused = [torch.nn.Parameter(torch.randn(37, 5)), torch.nn.Parameter(torch.randn(11))]
     plain = [torch.nn.Parameter(p.detach().clone()) for p in fused]
     start = [p.detach().clone() for p in fused]
     opt = refine._adamw(fused, cfg)
     assert opt.defaults.get("fused")
-    ref = torch.optim.AdamW(plain, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ref = torch.optim.AdamW(plain, lr=cfg.refine_lr, weight_decay=cfg.refine_weight_decay)
     for _ in range(5):
         for a, b in zip(fused, plain):
             a.grad = torch.randn_like(a)
@@ -165,7 +166,7 @@ def test_weight_decay_shrinks_the_factors_and_never_the_norms(monkeypatch):
     monkeypatch.setattr(refine, "balance_factors", lambda block: None)  # it would round the product
     norms_before = {n: p.detach().clone() for n, p in block.named_parameters() if "norm" in n}
     factors_before = {n: p.detach().clone() for n, p in block.mlp.up_proj.named_parameters()}
-    cfg = refine.RefineConfig(passes=1, lr=0.1, weight_decay=0.5, warmup=0.0)  # one step
+    cfg = CompressionConfig(refine_passes=1, refine_lr=0.1, refine_weight_decay=0.5, refine_warmup=0.0)  # one step
     refine.refine_block(block, hidden, targets, kwargs, "cpu", cfg, pipeline.run_block)
     for n, p in block.named_parameters():
         if "norm" in n:
