@@ -134,10 +134,7 @@ def dense_spectra(path: str, input_ids: torch.Tensor, device: str = "cpu", batch
                                      track_error=False, offload=offload, solve_dtype=solve_dtype,
                                      compute_dtype=compute_dtype,
                                      max_memory=max_memory)
-    compressor = pipeline.Compressor(source, cfg, progress=progress)
-    compressor.spectra = {}
-    compressor.run(input_ids)
-    return compressor.spectra
+    return pipeline.Compressor(source, cfg, progress=progress, keep_spectra=True).run(input_ids).spectra
 
 
 def waterfill_from_model(path: str, source, input_ids: torch.Tensor, ratio: float, **run_options) -> dict[str, int]:

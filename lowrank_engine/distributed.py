@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -109,3 +110,44 @@ def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def reduce_statistics(stats, diagonal: Optional[str] = None) -> None:
+    """Sum a group's single-stream statistics over the processes (a no-op in one): A or the output
+    covariances, and D with its token count (D's maximum for absmax)."""
+    all_reduce_sum_(stats.A, *(stats.outputs or {}).values())
+    if stats.D is not None:
+        stats.tokens = int(all_reduce_sum_tensor(torch.tensor([stats.tokens])))
+        if diagonal == "absmax":
+            all_reduce_max_(stats.D)
+        else:
+            all_reduce_sum_(stats.D)
+
+
+def owner(index: int) -> int:
+    """The process that solves the index-th group of a block (groups are dealt round-robin)."""
+    return index % world_size()
+
+
+def broadcast_factors(factors: Optional[dict], shapes: dict, dtype: torch.dtype, device, src: int) -> dict:
+    """One group's factors on every process, from the process `src` that solved them (`factors` is None
+    elsewhere); `shapes`: linear → (out, in). A no-op in one process."""
+    from lowrank_engine.solvers import Factors
+
+    if not active():
+        return factors
+    meta = broadcast_object({n: (f.rank, f.beta, f.sigma.numel(), f.sigma_rank) for n, f in factors.items()}
+                            if factors is not None else None, src=src)
+    out = {}
+    for name, (k, beta, n_sigma, sigma_rank) in meta.items():  # the group's compressed linears
+        if factors is None:
+            m, n = shapes[name]
+            empty = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
+            f = Factors(U=empty(m, k), V=empty(n, k), sigma=empty(n_sigma), rank=k, beta=beta, sigma_rank=sigma_rank)
+        else:
+            f = factors[name]
+            f.U, f.V, f.sigma = (t.to(device, dtype).contiguous() for t in (f.U, f.V, f.sigma))
+        for t in (f.U, f.V, f.sigma):
+            broadcast_(t, src=src)
+        out[name] = f
+    return out

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from lowrank_engine.models import block_linears
-from lowrank_engine.solvers import output_side, output_statistics
+from lowrank_engine.solvers import group_path
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -95,7 +95,7 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
     solve_bytes = torch.finfo(solve_dtype).bits // 8
     tokens = n_samples * seqlen
     batch_tokens = min(batch_size, n_samples) * seqlen
-    two_stream = bool(method.needs & {"B", "C"})
+    two_stream = method.two_stream
 
     plan = MemoryPlan()
     plan.add("cpu", "process", PROCESS_BASELINE)
@@ -114,11 +114,11 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
         if solve_bytes != 4:  # the solver's own copies of A, B, C in its dtype
             plan.add(compute, "statistics (solve dtype)", count * solve_bytes * max(n * n for n, _ in groups))
     elif "A" in method.needs:  # XᵀX, or the outputs' YᵀY where smaller (per linear: a bound on any grouping)
-        plan.add(compute, "statistics (fp32)", 4 * sum(m * m if output_statistics(method, [(m, n)]) else n * n
+        plan.add(compute, "statistics (fp32)", 4 * sum(m * m if group_path(method, [(m, n)]).statistics == "YtY" else n * n
                                                        for n, m in groups))
     if method.coefficients is not None or method.adaptive_beta:
         def workspace(n, m):
-            if output_side(method, [(m, n)]):  # W·H, W·H·Wᵀ and its eigenvectors; no n×n whitening
+            if group_path(method, [(m, n)]).solve in ("output_side", "output_gram"):  # W·H, W·H·Wᵀ, eigenvectors
                 return m * n + 3 * m * m
             return 4 * n * n + 3 * m * n  # metric, eigenvectors, L⁻ᵀ and a product of its size; G and its factors
         plan.add(compute, "solver workspace", solve_bytes * max(workspace(n, m) for n, m in groups))
@@ -132,7 +132,7 @@ def plan(source, method, *, device: str, offload: str, n_samples: int, seqlen: i
         plan.add(compute, "refinement (fp32 block, grads, AdamW, autograd)",
                  block_bytes * (4 / stored_bytes) * 4 + 2 * (batch_tokens * (4 * widest + 8 * hidden) * 4 + 2 * attention))
     streams = 4 if (two_stream or track_error or refine) else 2  # X, X' and their successors during propagation
-    if two_stream and hold is not None:  # SettledOutputs: one replayed child output (attention) per token
+    if two_stream and hold is not None:  # the two-stream replay: one replayed child output (attention) per token
         streams += 1
     stream_bytes = streams * tokens * hidden * act_bytes
     # dense inputs wait for their group's X' pass; X' inputs of linears that end a child (o_proj,

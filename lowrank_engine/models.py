@@ -209,22 +209,6 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     return model, tokenizer
 
 
-@dataclass
-class ParameterCounts:
-    compressible_dense: int
-    compressible_after: int
-    model_dense: int
-    model_after: int
-
-    @property
-    def compressible_reduction(self) -> float:
-        return 1 - self.compressible_after / self.compressible_dense
-
-    @property
-    def model_reduction(self) -> float:
-        return 1 - self.model_after / self.model_dense
-
-
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     seen, total = set(), 0

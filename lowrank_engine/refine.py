@@ -17,6 +17,7 @@ from torch import nn
 from lowrank_engine import distributed
 from lowrank_engine.config import CompressionConfig
 from lowrank_engine.modules import LowRankLinear
+from lowrank_engine.probe import slice_kwargs
 
 
 def factor_and_norm_parameters(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -52,18 +53,6 @@ def _float_kwargs(kwargs: dict) -> dict:
             return type(v)(cast(x) for x in v)
         return v
     return {k: cast(v) for k, v in kwargs.items()}
-
-
-def slice_batch(kwargs: dict, part: slice, batch: int) -> dict:
-    """The keyword arguments of a slice of the batch's windows: per-window tensors (leading dim = batch)
-    are cut, broadcast ones (leading dim 1) and cache positions are shared."""
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == batch and batch > 1:
-            return v[part]
-        if isinstance(v, (tuple, list)):
-            return type(v)(cut(x) for x in v)
-        return v
-    return {k: v if k == "cache_position" else cut(v) for k, v in kwargs.items()}
 
 
 @torch.no_grad()
@@ -135,7 +124,7 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: C
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total, cfg)
                 x = inputs[b][part].to(device).float()
-                out = run_block(block, x, _float_kwargs(slice_batch(kwargs[b], part, inputs[b].shape[0])), device)
+                out = run_block(block, x, _float_kwargs(slice_kwargs(kwargs[b], inputs[b].shape[0], part)), device)
                 loss = torch.nn.functional.mse_loss(out, targets[b][part].to(device).float())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

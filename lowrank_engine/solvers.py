@@ -62,6 +62,11 @@ class Method:
             return frozenset({"A", "B", "C"})
         return frozenset() if self.coefficients is None else self.coefficients.needs
 
+    @property
+    def two_stream(self) -> bool:
+        """Whether the objective reads X', the input in the model compressed so far."""
+        return bool(self.needs & {"B", "C"})
+
 
 def cealc(beta: float) -> Coefficients:
     """SAES-SVD CEALC: ‖WX' − W'X'‖² + β‖WX − W'X'‖²."""
@@ -146,6 +151,8 @@ class Factors:
     rank: int
     beta: Optional[float] = None
     sigma_rank: Optional[int] = None  # how many of sigma were kept, when not `rank` (ERC's stage 2)
+    clamped: int = 0  # eigenvalues of the metric the whitening raised to ε·λ_max (dead channels, few tokens)
+    retried_fp64: bool = False  # the whitening's fp32 eigh failed and was redone in fp64
 
     @property
     def truncation_loss(self) -> float:
@@ -217,9 +224,10 @@ def solve(W: torch.Tensor, H: Optional[torch.Tensor], P: Optional[torch.Tensor],
         raise ValueError(f"rank must be in [1, {min(m, n)}], got {rank}")
     if H is None:
         return factorize_whitened(W if P is None else P, None, rank)
-    _, L_inv, _, _, num_clamped, info = ops.whiten_ex(H, eps_rel)
-    L_inv_T = L_inv.mT
-    return factorize_whitened(P @ L_inv_T, L_inv_T, rank)
+    (white,) = whiten_many([H], eps_rel)
+    f = factorize_whitened(P @ white.L_inv_T, white.L_inv_T, rank)
+    f.clamped, f.retried_fp64 = white.num_clamped, white.retried_fp64
+    return f
 
 
 def solve_output_side(W: torch.Tensor, H: torch.Tensor, rank: int) -> Factors:
@@ -493,6 +501,51 @@ def anchored_statistics(method: Method, shapes) -> bool:
     return bool(shapes) and sum(m for m, _ in shapes) < shapes[0][1]
 
 
+@dataclass(frozen=True)
+class GroupPath:
+    """The one answer to "what does this group collect, and how is it solved?" for the pipeline, the
+    memory plan and solve_group.
+
+    statistics: "none" (nothing to collect), "D" (a diagonal scale), "A" (XᵀX), "YtY" (each linear's
+    output covariance, output_statistics), "ABC" (two streams: A, B, C as the method needs them) or
+    "anchored" (two streams: B and each linear's W·C, anchored_statistics).
+    solve: "none" (every linear stays dense), "plain" (SVD of W), "diagonal", "output_gram",
+    "output_side", "anchored_output" (falls back to "whitened" when the whitening's clamp acts), or
+    "whitened"."""
+    statistics: str
+    solve: str
+
+    @property
+    def two_stream(self) -> bool:
+        return self.statistics in ("ABC", "anchored")
+
+
+def group_path(method: Method, shapes) -> GroupPath:
+    """The path of a group whose compressed linears have these (out, in) shapes (none: all dense)."""
+    shapes = [tuple(s) for s in shapes]
+    if not shapes:
+        return GroupPath("none", "none")
+    if method.diagonal:  # FWSVD's scale comes from gradients (fisher.py), not from the streams
+        return GroupPath("none" if method.diagonal == "fisher" else "D", "diagonal")
+    if method.two_stream:
+        statistics = "anchored" if anchored_statistics(method, shapes) else "ABC"
+    elif method.coefficients is None:
+        return GroupPath("none", "plain")
+    else:
+        statistics = "YtY" if output_statistics(method, shapes) else "A"
+    if statistics == "YtY":
+        solve = "output_gram"
+    elif method.coefficients is None and not method.adaptive_beta:
+        solve = "plain"
+    elif output_side(method, shapes):
+        solve = "output_side"
+    elif anchored_output_side(method, shapes):
+        solve = "anchored_output"
+    else:
+        solve = "whitened"
+    return GroupPath(statistics, solve)
+
+
 def _target(W: torch.Tensor, name: str, stats: GroupStatistics, coeffs: Coefficients) -> torch.Tensor:
     """P = W·(c·A + d·C + e·B), with W·C read from the anchors when they were kept instead of C."""
     if stats.anchors is None:
@@ -513,24 +566,25 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
                 residual_split: float = RESIDUAL_SPLIT, residual_stage2: str = RESIDUAL_STAGE2) -> dict[str, Factors]:
     """Factorize every linear of a group; the whitening is shared by the group (or given, when batched)."""
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    if method.diagonal:
+    path = group_path(method, [tuple(W.shape) for W in weights.values()])
+    if path.solve == "diagonal":
         scale = diagonal_scale(stats, method, eps_rel).to(dtype)
         return {name: solve_diagonal(W.to(dtype), scale, ranks[name]) for name, W in weights.items()}
     Ws = {name: W.to(dtype) for name, W in weights.items()}
     coeffs = method.coefficients
     if stats.outputs is not None:
-        if not output_side(method, [tuple(W.shape) for W in Ws.values()]) or coeffs.b:
+        if path.solve not in ("output_gram", "output_side") or coeffs.b:
             raise ValueError(f"{method.name} cannot be solved from output covariances")
         return {name: solve_output_gram(W, coeffs.a * stats.outputs[name].to(dtype), ranks[name])
                 for name, W in Ws.items()}
     stats = GroupStatistics(cast(stats.A), cast(stats.B), cast(stats.C),
                             anchors=None if stats.anchors is None else {n: cast(t) for n, t in stats.anchors.items()})
-    if method.coefficients is None and not method.adaptive_beta:
+    if path.solve == "plain":
         return {name: solve(W, None, None, ranks[name]) for name, W in Ws.items()}
-    if output_side(method, [tuple(W.shape) for W in Ws.values()]):
+    if path.solve in ("output_side", "output_gram"):  # output_gram from A when YᵀY was not collected
         H = combine_metric(coeffs, stats)
         return {name: solve_output_side(W, H, ranks[name]) for name, W in Ws.items()}
-    if whitening is None and anchored_output_side(method, [tuple(W.shape) for W in Ws.values()]):
+    if whitening is None and path.solve == "anchored_output":
         chol = clamp_free_cholesky(stats.B, eps_rel)
         if chol is not None:  # else the clamp acts: the whitened solve below
             return {name: solve_anchored_output(W, _target(W, name, stats, coeffs), coeffs.b, chol, ranks[name])
@@ -578,5 +632,6 @@ def solve_group(method: Method, weights: dict[str, torch.Tensor], ranks: dict[st
                     f = solve_residual(W, f, stats, stage2, k - k1, eps_rel, white2)
             else:
                 f = factorize_whitened(G, white.L_inv_T, k)
+        f.clamped, f.retried_fp64 = white.num_clamped, white.retried_fp64
         out[name] = f
     return out

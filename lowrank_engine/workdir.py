@@ -1,5 +1,6 @@
-"""The resume work directory `<output>.partial/`: one process at a time, and a fingerprint of
-everything that decides the result, so that `--resume` continues only the very same run.
+"""The resume work directory `<output>.partial/`: one process at a time, a fingerprint of everything
+that decides the result, so that `--resume` continues only the very same run, and one file per
+finished block.
 
 The fingerprint has four parts: the settings (every CompressionConfig field that changes a factor),
 the calibration token ids, the model's identity and the number of processes. The model's identity
@@ -144,3 +145,55 @@ def describe_mismatch(stored, current: dict) -> str:
              "model": "another model", "processes": f"{stored.get('processes')} processes, not {current['processes']}"}
     changed += [text for part, text in names.items() if stored.get(part) != current[part]]
     return "; ".join(changed)
+
+
+# --------------------------------------------------------------------------------------
+# finished blocks
+# --------------------------------------------------------------------------------------
+class ResumeDir:
+    """`<work_dir>/progress.json` (the fingerprint and the finished blocks) and `blocks/block-N.safetensors`
+    (a finished block's tensors, with its ranks and report as metadata)."""
+
+    def __init__(self, work_dir: str):
+        self.work_dir = work_dir
+        self.progress = os.path.join(work_dir, "progress.json")
+
+    def block_file(self, index: int) -> str:
+        return os.path.join(self.work_dir, "blocks", f"block-{index:05d}.safetensors")
+
+    def finished_blocks(self, fingerprint: dict) -> set:
+        """The blocks an earlier run with this fingerprint finished; starts the record on a fresh directory,
+        and refuses one that holds another run."""
+        from lowrank_engine import checkpoint
+
+        os.makedirs(os.path.join(self.work_dir, "blocks"), exist_ok=True)
+        if not os.path.exists(self.progress):
+            checkpoint.atomic_write_json({"fingerprint": fingerprint, "done": []}, self.progress)
+            return set()
+        with open(self.progress, encoding="utf-8") as f:
+            state = json.load(f)
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(f"{self.work_dir} holds a run with different settings "
+                             f"({describe_mismatch(state.get('fingerprint'), fingerprint)}); "
+                             "rerun with the same ones, or remove it to start over")
+        return {int(i) for i in state.get("done", []) if os.path.exists(self.block_file(int(i)))}
+
+    def write_block(self, index: int, tensors: dict, ranks: dict, report: dict) -> None:
+        """Save a finished block, then mark it done (a crash between the two redoes the block)."""
+        from lowrank_engine import checkpoint
+
+        checkpoint.atomic_save_tensors(tensors, self.block_file(index),
+                                       metadata={"ranks": json.dumps(ranks), "report": json.dumps(report)})
+        with open(self.progress, encoding="utf-8") as f:
+            state = json.load(f)
+        state["done"] = sorted(set(state["done"]) | {index})
+        checkpoint.atomic_write_json(state, self.progress)
+
+    def read_block(self, index: int, device) -> tuple[dict, dict, dict]:
+        """(tensors, ranks, report) of a finished block."""
+        from safetensors import safe_open
+
+        with safe_open(self.block_file(index), framework="pt", device=str(device)) as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors, json.loads(meta["ranks"]), json.loads(meta["report"])

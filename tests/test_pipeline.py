@@ -1,12 +1,13 @@
 """The streaming pipeline on tiny LLaMA (GQA), Mistral and Qwen2 models."""
 import contextlib
+import dataclasses
 import os
 import time
 
 import pytest
 import torch
 
-from lowrank_engine import ops, pipeline, solvers
+from lowrank_engine import ops, pipeline, probe, replay, solvers, statistics
 from lowrank_engine.models import UnsupportedArchitecture, block_linears, find_decoder_blocks
 from lowrank_engine.modules import LowRankLinear
 
@@ -288,7 +289,7 @@ def test_settled_outputs_replay_changes_nothing_and_skips_attention(kind, method
 
     a, ra = compress("replay")
     with monkeypatch.context() as m:
-        m.setattr(pipeline.SettledOutputs, "replay", lambda self, batch, record=True: contextlib.nullcontext())
+        m.setattr(replay.TwoStreamReplay, "replay", lambda self, batch, record=True: contextlib.nullcontext())
         b, rb = compress("plain")
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(ta, tb), na
@@ -300,52 +301,52 @@ def test_settled_outputs_replay_changes_nothing_and_skips_attention(kind, method
     assert gate_calls["plain"] - gate_calls["replay"] == batches * blocks
 
 
-def test_settled_outputs_off_when_linears_run_out_of_group_order():
+def test_replay_off_when_linears_run_out_of_group_order():
     """A block whose linears do not run once each in group order gets no replay (nothing is final early)."""
     model = tiny_model("llama")
     block = find_decoder_blocks(model)[1][0]
     hidden = torch.randn(1, 6, 48)
     kwargs = {"position_embeddings": model.model.rotary_emb(hidden, torch.arange(6)[None])}
-    groups = pipeline.discover_groups(block, hidden, kwargs, "cpu")
-    settled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups, "cpu")
+    structure = probe.probe_block(block, hidden, kwargs, "cpu")
+    settled = replay.TwoStreamReplay(block, structure, "cpu", "cpu")
     assert set(settled.needed) == {"self_attn", "mlp"}
     assert settled.needed == {"self_attn": 4, "mlp": 7}
     assert settled.tails == {"self_attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
-    shuffled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups[::-1], "cpu")
+    shuffled = replay.TwoStreamReplay(block, dataclasses.replace(structure, groups=structure.groups[::-1]), "cpu",
+                                      "cpu")
     assert shuffled.needed == {} and shuffled.tails == {}
 
 
-def test_settled_tail_needs_the_last_linears_output_untouched():
+def test_replay_tail_needs_the_last_linears_output_untouched():
     """A child that updates its last linear's output in place, or returns more than it, is not replayed
     as that linear of its kept input."""
     model = tiny_model("llama")
     block = find_decoder_blocks(model)[1][0]
     hidden = torch.randn(1, 6, 48)
     kwargs = {"position_embeddings": model.model.rotary_emb(hidden, torch.arange(6)[None])}
-    groups = pipeline.discover_groups(block, hidden, kwargs, "cpu")
     mlp = block.mlp
     mlp.forward = lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).mul_(0.5)
-    settled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups, "cpu")
+    settled = replay.TwoStreamReplay(block, probe.probe_block(block, hidden, kwargs, "cpu"), "cpu", "cpu")
     assert settled.needed == {"self_attn": 4, "mlp": 7} and settled.tails == {"self_attn": "self_attn.o_proj"}
     attention = block.self_attn.forward  # attention that also returns a tensor besides o_proj's output
     block.self_attn.forward = lambda *a, **k: (lambda out: (out[0], out[0] * 2))(attention(*a, **k))
-    settled = pipeline.SettledOutputs(block, hidden, kwargs, "cpu", groups, "cpu")
+    settled = replay.TwoStreamReplay(block, probe.probe_block(block, hidden, kwargs, "cpu"), "cpu", "cpu")
     assert set(settled.needed) == {"self_attn", "mlp"} and settled.tails == {}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_finite_check_catches_nan_and_inf_but_not_large_sums(dtype):
     x = torch.rand(3, 50, 41).to(dtype) + 1
-    pipeline._check_finite(x * 30000 if dtype == torch.float16 else x * 1e4, "ok")  # sums past fp16's range
+    statistics.check_finite(x * 30000 if dtype == torch.float16 else x * 1e4, "ok")  # sums past fp16's range
     for bad in (float("nan"), float("inf"), -float("inf")):
         y = x.clone()
         y[1, 7, 5] = bad
         with pytest.raises(pipeline.ActivationError, match="NaN or Inf"):
-            pipeline._check_finite(y, "here")
+            statistics.check_finite(y, "here")
     y = x.clone()
     y[0, 0, 0], y[2, 1, 1] = float("inf"), -float("inf")  # they cancel to NaN, still caught
     with pytest.raises(pipeline.ActivationError):
-        pipeline._check_finite(y, "here")
+        statistics.check_finite(y, "here")
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -433,8 +434,8 @@ def test_anchored_statistics_give_the_full_cross_covariance_factors(kind, method
         return model, result
 
     kept = []
-    cross = pipeline.ops.cross_covariance_accumulate
-    monkeypatch.setattr(pipeline.ops, "cross_covariance_accumulate",
+    cross = ops.cross_covariance_accumulate
+    monkeypatch.setattr(ops, "cross_covariance_accumulate",
                         lambda acc, y, x: kept.append(tuple(acc.shape)) or cross(acc, y, x))
     natural = run()
     assert set(kept) == {(48, 112)}  # down_proj only

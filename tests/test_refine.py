@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from lowrank_engine import pipeline, refine
+from lowrank_engine import pipeline, probe, refine
 from lowrank_engine.config import CompressionConfig
 from lowrank_engine.modules import LowRankLinear
 
@@ -99,7 +99,7 @@ def test_a_slice_of_the_batch_runs_like_the_same_windows_of_the_whole_batch(kind
     block = model.model.layers[0]
     whole = pipeline.run_block(block, hidden[0], kwargs[0], "cpu")
     for part in (slice(0, 1), slice(1, 3), slice(2, 3)):
-        piece = pipeline.run_block(block, hidden[0][part], refine.slice_batch(kwargs[0], part, 3), "cpu")
+        piece = pipeline.run_block(block, hidden[0][part], probe.slice_kwargs(kwargs[0], 3, part), "cpu")
         torch.testing.assert_close(piece, whole[part], rtol=1e-5, atol=1e-6)
 
 
@@ -121,8 +121,8 @@ def test_micro_batches_take_one_step_per_slice_and_lower_the_error():
 def test_slice_batch_cuts_per_window_tensors_and_shares_broadcast_ones():
     mask, pos = torch.randn(3, 1, 3, 3), torch.arange(9).view(3, 3)
     cos = torch.randn(1, 3, 4)
-    kw = refine.slice_batch({"attention_mask": mask, "position_ids": pos, "position_embeddings": (cos, cos + 1),
-                             "cache_position": torch.arange(3), "flag": True}, slice(1, 3), 3)
+    kw = probe.slice_kwargs({"attention_mask": mask, "position_ids": pos, "position_embeddings": (cos, cos + 1),
+                             "cache_position": torch.arange(3), "flag": True}, 3, slice(1, 3))
     assert torch.equal(kw["attention_mask"], mask[1:]) and torch.equal(kw["position_ids"], pos[1:])
     assert kw["position_embeddings"][0] is cos and torch.equal(kw["cache_position"], torch.arange(3))
     assert kw["flag"] is True

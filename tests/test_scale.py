@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_model, tiny_tokenizer
-from lowrank_engine import checkpoint, cli, memory, pipeline, workdir
+from lowrank_engine import checkpoint, cli, memory, pipeline, solvers, workdir
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_sizes_and_budgets_parse():
 
 def test_plan_shrinks_with_offload_and_grows_with_tokens(sharded_checkpoint):
     source = pipeline.LazyBlockSource(str(sharded_checkpoint / "model"))
-    method = pipeline.solvers.get_method("saes")
+    method = solvers.get_method("saes")
 
     def peak(offload, n):
         return memory.plan(source, method, device="cpu", offload=offload, n_samples=n, seqlen=512, batch_size=4,
@@ -213,10 +213,10 @@ def test_half_checkpoint_runs_in_fp32_on_cpu_and_is_written_in_its_dtype(bf16_ch
 def test_memory_plan_counts_the_compute_dtype_and_the_output_side_solve(bf16_checkpoint):
     source = pipeline.LazyBlockSource(bf16_checkpoint)
     kw = dict(device="cpu", offload="none", n_samples=4, seqlen=32, batch_size=2, solve_dtype=torch.float32)
-    half = memory.plan(source, pipeline.solvers.get_method("svd-llm"), **kw)
-    full = memory.plan(source, pipeline.solvers.get_method("svd-llm"), compute_dtype=torch.float32, **kw)
+    half = memory.plan(source, solvers.get_method("svd-llm"), **kw)
+    full = memory.plan(source, solvers.get_method("svd-llm"), compute_dtype=torch.float32, **kw)
     assert full.parts["cpu"]["dense + compressed block"] == 2 * half.parts["cpu"]["dense + compressed block"]
-    anchored = memory.plan(source, pipeline.solvers.get_method("aa-svd"), **kw)
+    anchored = memory.plan(source, solvers.get_method("aa-svd"), **kw)
     assert half.parts["cpu"]["solver workspace"] < anchored.parts["cpu"]["solver workspace"]
 
 
