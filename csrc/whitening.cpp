@@ -1,8 +1,8 @@
 // Whitening extension: op registration and the CPU implementation.
 //
-// The ops are defined here with TORCH_LIBRARY, so loading the shared object with
-// torch.ops.load_library (a plain dlopen) registers them; no Python import is needed. The fake
-// (meta) kernels are registered from Python (lowrank_engine/ops.py), not here.
+// Only kernels are registered here (TORCH_LIBRARY_IMPL). The schemas have one source,
+// lowrank_engine/ops.py, which defines them before it loads this shared object, and registers
+// the fake (meta) kernels.
 //
 // CPU: one LAPACK syevd per matrix, called through ATen's exported wrapper
 // at::native::lapackSyevd (the same driver torch.linalg.eigh uses on CPU), in place in the
@@ -322,14 +322,7 @@ WhitenResult whiten_cuda(const at::Tensor& H, double eps_rel) { return drop_extr
 }  // namespace
 }  // namespace lowrank_engine
 
-// The schemas must match WHITEN_SCHEMA / WHITEN_EX_SCHEMA in lowrank_engine/ops.py.
-TORCH_LIBRARY(lowrank_engine, m) {
-  m.def("whiten(Tensor H, float eps_rel) -> (Tensor L, Tensor L_inv, Tensor eigenvalues, Tensor info)");
-  m.def(
-      "whiten_ex(Tensor H, float eps_rel) -> "
-      "(Tensor L, Tensor L_inv, Tensor eigenvalues, Tensor clamped_eigenvalues, Tensor num_clamped, Tensor info)");
-}
-
+// Kernels for the schemas WHITEN_SCHEMA / WHITEN_EX_SCHEMA of lowrank_engine/ops.py.
 TORCH_LIBRARY_IMPL(lowrank_engine, CPU, m) {
   m.impl("whiten", &lowrank_engine::whiten_cpu);
   m.impl("whiten_ex", &lowrank_engine::whiten_ex_cpu);

@@ -16,9 +16,9 @@ Backends (``LOWRANK_ENGINE_BACKEND``, or ``set_backend``):
   whitening as ``auto``.
 - ``reference``: the PyTorch reference for covariance / low-rank linear and for CUDA whitening; CPU
   whitening as ``auto``.
-The extension itself (``lowrank_engine._C``, loaded with ``torch.ops.load_library``) defines
-``lowrank_engine::whiten`` / ``whiten_ex`` with ``TORCH_LIBRARY``; when it is missing, the same
-schema is defined here and served by the reference. ``active_paths()`` says what runs, and why.
+The schemas of ``lowrank_engine::whiten`` / ``whiten_ex`` are defined here, once; the extension
+(``lowrank_engine._C``, loaded with ``torch.ops.load_library`` after they are defined) registers
+only its kernels, and where it registered none the reference serves the op. ``active_paths()`` says what runs, and why.
 """
 from __future__ import annotations
 
@@ -104,6 +104,19 @@ def _use_triton(t: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------
 # C++ extension
 # --------------------------------------------------------------------------------------
+# The one source of the whitening ops' schemas: defined here, before the extension is loaded; the
+# extension registers only its CPU (and CUDA) kernels for them (csrc/whitening.cpp).
+WHITEN_SCHEMA = "whiten(Tensor H, float eps_rel) -> (Tensor L, Tensor L_inv, Tensor eigenvalues, Tensor info)"
+WHITEN_EX_SCHEMA = (
+    "whiten_ex(Tensor H, float eps_rel) -> "
+    "(Tensor L, Tensor L_inv, Tensor eigenvalues, Tensor clamped_eigenvalues, Tensor num_clamped, Tensor info)"
+)
+# info per matrix: 0 = solved in the input precision, 1 = solved after the fp64 retry.
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+_lib.define(WHITEN_SCHEMA)
+_lib.define(WHITEN_EX_SCHEMA)
+
+
 def _load_extension() -> Optional[str]:
     """Load lowrank_engine._C if it was built; return its path or None."""
     if os.environ.get("LOWRANK_ENGINE_NO_EXT", "0") == "1":
@@ -173,12 +186,6 @@ def active_paths() -> dict:
 # --------------------------------------------------------------------------------------
 # whitening: H = Q Λ Qᵀ  ->  L = Q Λc^½,  L⁻¹ = Λc^-½ Qᵀ, with Λc = max(Λ, eps_rel·λ_max)
 # --------------------------------------------------------------------------------------
-WHITEN_SCHEMA = "whiten(Tensor H, float eps_rel) -> (Tensor L, Tensor L_inv, Tensor eigenvalues, Tensor info)"
-WHITEN_EX_SCHEMA = (
-    "whiten_ex(Tensor H, float eps_rel) -> "
-    "(Tensor L, Tensor L_inv, Tensor eigenvalues, Tensor clamped_eigenvalues, Tensor num_clamped, Tensor info)"
-)
-# info per matrix: 0 = solved in the input precision, 1 = solved after the fp64 retry.
 
 
 def _check_whiten_input(H: torch.Tensor) -> None:
@@ -247,15 +254,8 @@ def _whiten_ex_impl(H, eps_rel):
     return whiten_reference(H, eps_rel)
 
 
-def _has_op(name: str) -> bool:
-    return hasattr(torch.ops, NAMESPACE) and hasattr(getattr(torch.ops, NAMESPACE), name)
-
-
-# The extension (if loaded) already defined the schemas; otherwise define them here.
-_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
-for _name, _schema, _impl in (("whiten", WHITEN_SCHEMA, _whiten_impl), ("whiten_ex", WHITEN_EX_SCHEMA, _whiten_ex_impl)):
-    if not _has_op(_name):
-        _lib.define(_schema)
+# the reference wherever the extension registered no kernel (not built, or built without CUDA)
+for _name, _impl in (("whiten", _whiten_impl), ("whiten_ex", _whiten_ex_impl)):
     for _key in ("CPU", "CUDA"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{_name}", _key):
             _lib.impl(_name, _impl, _key)

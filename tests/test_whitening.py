@@ -469,3 +469,14 @@ def test_batch_threads_and_gil_released():
     # so nearly all of `elapsed` would be spent in long gaps.
     stalled = sum(g for g in gaps if g > 0.25 * single)
     assert stalled < 0.5 * elapsed, (stalled, elapsed, single, len(gaps))
+
+
+def test_whitening_schemas_have_one_source():
+    """ops.py defines the schemas; the extension registers only kernels (no TORCH_LIBRARY def of its own)."""
+    import re
+
+    source = open(os.path.join(os.path.dirname(ops.__file__), "..", "csrc", "whitening.cpp")).read()
+    assert not re.search(r"TORCH_LIBRARY\s*\(|\.def\s*\(", source)
+    for name, schema in (("whiten", ops.WHITEN_SCHEMA), ("whiten_ex", ops.WHITEN_EX_SCHEMA)):
+        registered = str(getattr(torch.ops.lowrank_engine, name).default._schema)
+        assert registered == f"{ops.NAMESPACE}::{schema}"
