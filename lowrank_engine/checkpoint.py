@@ -32,9 +32,8 @@ from torch import nn
 from lowrank_engine import __version__
 from lowrank_engine.models import find_decoder_blocks, set_submodule
 from lowrank_engine.modules import LowRankLinear
+from lowrank_engine.quant_format import FORMAT_VERSION, QUANT_METHOD, check_quantization_config
 
-QUANT_METHOD = "lowrank"  # config.json's quantization_config.quant_method, transformers' registry key
-FORMAT_VERSION = 2  # 1: ranks in lowrank_config.json beside an unchanged config.json, no checksums
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CHECKSUMS_FILE = "SHA256SUMS"
@@ -305,12 +304,10 @@ def read_quantization_config(directory: str) -> dict:
             raise CheckpointError(f"{directory} is a format-1 lowrank-engine checkpoint ({LEGACY_CONFIG}); "
                                   f"this engine reads format {FORMAT_VERSION}: compress the model again")
         raise CheckpointError(f"{directory} is not a lowrank-engine checkpoint (config.json has no quantization_config)")
-    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD or not isinstance(qcfg.get("ranks"), dict):
-        raise CheckpointError(f"{path}: quantization_config is not a '{QUANT_METHOD}' block with ranks")
-    version = qcfg.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 2:
-        raise CheckpointError(f"{path} has format version {version}; this engine reads {FORMAT_VERSION}")
-    return qcfg
+    try:
+        return check_quantization_config(qcfg, f"{path}: quantization_config")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def is_lowrank_checkpoint(directory: str) -> bool:

@@ -20,6 +20,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowrank_engine import checkpoint
+from lowrank_engine.quant_format import check_quantization_config
 from lowrank_engine.modules import LowRankLinear
 
 
@@ -29,11 +30,8 @@ class LowRankConfig(QuantizationConfigMixin):
     def __init__(self, ranks: dict, format_version: int = checkpoint.FORMAT_VERSION,
                  modules_to_not_convert: list | None = None, quant_method: str = checkpoint.QUANT_METHOD,
                  **provenance):
-        if quant_method != checkpoint.QUANT_METHOD:
-            raise ValueError(f"LowRankConfig got quant_method {quant_method!r}")
-        if not isinstance(format_version, int) or not 2 <= format_version <= checkpoint.FORMAT_VERSION:
-            raise ValueError(f"lowrank checkpoint format version {format_version}; this lowrank-engine "
-                             f"reads {checkpoint.FORMAT_VERSION}")
+        check_quantization_config({"quant_method": quant_method, "format_version": format_version, "ranks": ranks,
+                                   "modules_to_not_convert": modules_to_not_convert})
         self.quant_method = checkpoint.QUANT_METHOD
         self.format_version = format_version
         self.ranks = {name: int(rank) for name, rank in ranks.items()}

@@ -38,9 +38,9 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from lowrank_engine import ops
+from lowrank_engine.quant_format import READABLE_VERSIONS as FORMAT_VERSIONS
+from lowrank_engine.quant_format import QUANT_METHOD, check_quantization_config
 
-QUANT_METHOD = "lowrank"  # = lowrank_engine.checkpoint.QUANT_METHOD (not imported: it pulls in transformers' model code)
-FORMAT_VERSIONS = (2,)  # the quantization_config formats this plugin reads
 _QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 
 
@@ -57,28 +57,6 @@ def factorized_layers(model: torch.nn.Module) -> list[str]:
     """The vLLM layers the lowrank method serves; `LLM(...).apply_model(factorized_layers)` lists them."""
     return sorted(name for name, module in model.named_modules()
                   if isinstance(getattr(module, "quant_method", None), LowRankLinearMethod))
-
-
-def _check_quantization_config(config: Any) -> dict:
-    where = "config.json's quantization_config"
-    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
-        raise LowRankCheckpointError(f"{where} is not a {QUANT_METHOD!r} block: {config!r:.200}")
-    version = config.get("format_version")
-    if version not in FORMAT_VERSIONS:
-        raise LowRankCheckpointError(
-            f"{where} has format_version {version!r}; this plugin reads {list(FORMAT_VERSIONS)}: "
-            "compress the model again with this lowrank-engine version")
-    ranks = config.get("ranks")
-    if not isinstance(ranks, dict) or not ranks:
-        raise LowRankCheckpointError(f"{where} has no 'ranks' map {{module name: rank}}")
-    bad = {name: rank for name, rank in ranks.items()
-           if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0}
-    if bad:
-        raise LowRankCheckpointError(f"{where}: ranks must be positive integers, got {dict(list(bad.items())[:5])}")
-    dense = config.get("modules_to_not_convert") or []
-    if not isinstance(dense, list) or not all(isinstance(name, str) for name in dense):
-        raise LowRankCheckpointError(f"{where}: modules_to_not_convert must be a list of module names")
-    return config
 
 
 class LowRankConfig(QuantizationConfig):
@@ -112,7 +90,7 @@ class LowRankConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "LowRankConfig":
-        config = _check_quantization_config(config)
+        config = check_quantization_config(config)
         return cls(config["ranks"], config.get("modules_to_not_convert"), config["format_version"])
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:

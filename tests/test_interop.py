@@ -286,3 +286,23 @@ def test_eval_scores_zero_shot_tasks_through_lm_eval(tmp_path, sample_data_dir, 
     assert record["lambada_openai_acc_norm"] is None and record["lambada_openai_acc"] in (0, 1)
     with pytest.raises(SystemExit):  # an unknown task is a usage error, before anything loads
         cli.main(["eval", "--model", str(out), "--tasks", "hellaswag"])
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"quant_method": "gptq", "format_version": 2, "ranks": {"a": 4}}, "not a 'lowrank' block"),
+    ({"quant_method": "lowrank", "format_version": 3, "ranks": {"a": 4}}, "format version 3"),
+    ({"quant_method": "lowrank", "format_version": 2, "ranks": [4]}, "no 'ranks' map"),
+    ({"quant_method": "lowrank", "format_version": 2, "ranks": {"a": 0}}, "positive integers"),
+    ({"quant_method": "lowrank", "format_version": 2, "ranks": {"a": 4}, "modules_to_not_convert": "lm_head"},
+     "modules_to_not_convert"),
+])
+def test_every_reader_refuses_a_bad_quantization_config_alike(tmp_path, block, message):
+    """The engine's loader and the transformers quantizer (and the vLLM plugin) check the block through one
+    function, so they accept and refuse the same blocks with the same words."""
+    from lowrank_engine import hf_quantizer
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": block}))
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.read_quantization_config(str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        hf_quantizer.LowRankConfig(**block)
