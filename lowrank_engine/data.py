@@ -181,19 +181,24 @@ def consecutive_windows(ids: torch.Tensor, count: int, seqlen: int) -> torch.Ten
 
 @torch.no_grad()
 def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 16,
-                      temperature: float = 1.0) -> torch.Tensor:
+                      temperature: float = 1.0, progress: bool = False) -> torch.Tensor:
     """Data-free calibration: sequences sampled from the model, starting from its BOS token."""
+    from tqdm.auto import tqdm
+
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start_id is None:
         raise DataError("self-calibration needs a BOS or EOS token to start sampling from")
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = []
+    bar = tqdm(total=nsamples * (seqlen - 1), desc=f"sampling {nsamples}×{seqlen} tokens", unit="tok",
+               disable=not progress)
     for first in range(0, nsamples, batch_size):
         b = min(batch_size, nsamples - first)
         ids = torch.full((b, 1), start_id, dtype=torch.long, device=device)
         past = None
         for _ in range(seqlen - 1):
+            bar.update(b)
             step, past = models.decode_step(model, ids[:, -1:] if past is not None else ids, past)
             logits = step.logits[:, -1].float()
             if not bool(torch.isfinite(logits).all()):  # finite weights, yet the forward overflowed
@@ -202,18 +207,19 @@ def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, b
             nxt = torch.multinomial(probs, 1, generator=generator).to(device)
             ids = torch.cat([ids, nxt], dim=1)
         out.append(ids.cpu())
+    bar.close()
     return torch.cat(out)
 
 
 def load_calibration(source: str, tokenizer, nsamples: int = 64, seqlen: int = 512, seed: int = 0,
-                     model=None) -> CalibrationSet:
+                     model=None, progress: bool = False) -> CalibrationSet:
     """Calibration windows from `self`, `c4`, `wikitext2`, or a .txt/.jsonl/.parquet file."""
     if nsamples < 1 or seqlen < 2:
         raise DataError(f"need nsamples ≥ 1 and seqlen ≥ 2, got {nsamples}×{seqlen}")
     if source == "self":
         if model is None:
             raise DataError("self-calibration needs the model")
-        ids = sample_from_model(model, tokenizer, nsamples, seqlen, seed)
+        ids = sample_from_model(model, tokenizer, nsamples, seqlen, seed, progress=progress)
         return CalibrationSet(ids, "self", seed, {"sampling": "temperature 1.0 from BOS"})
     if source == "c4":
         text = "\n\n".join(c4_documents(*C4_CALIBRATION_DOCS))
