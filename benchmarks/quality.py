@@ -254,13 +254,14 @@ def side_by_side(records: list, runs: list) -> list:
 
 def error_report(record: dict) -> str | None:
     """Whether a row's compress_seconds include the per-block error report: on / off (the run's setting), or
-    excluded (older records that timed it apart, as error_tracking_seconds); records older still timed
-    everything (on). The dense row compresses nothing (None)."""
+    excluded (older records that timed a single-stream method's X' pass apart, as error_tracking_seconds).
+    Records older still timed everything, and two-stream methods measure the error on streams they
+    propagate anyway (error_tracking_seconds 0): on. The dense row compresses nothing (None)."""
     if "track_error" in record:
         return "on" if record["track_error"] else "off"
     if record.get("method") == "dense":
         return None
-    return "excluded" if "error_tracking_seconds" in record else "on"
+    return "excluded" if record.get("error_tracking_seconds") else "on"
 
 
 def write_outputs(args, records: list) -> None:
@@ -298,14 +299,14 @@ def write_outputs(args, records: list) -> None:
           "peer_compress_seconds come from another 2-core machine (the side-by-side table below times the peer's "
           "code on the engine's machine). saes:fixed = ACES fixed-subspace β. "
           "best = the `best` preset (aa-svd, then refinement with one step per window at lr 1e-3). "
-          "Every row runs through `lowrank-engine compress`'s job code (job.run_job) with the per-block error report "
-          "on (the plot below needs it): compress_seconds are what a user waits for from the start of compression "
-          "to the last factor, rank allocation, FWSVD's Fisher pass and the error report included (error_report: "
-          "on; single-stream methods propagate X' only for it, quality.json gives its share as "
-          "error_tracking_seconds and every stage in stage_seconds; `--no-track-error` skips it). Rows whose "
-          "error_report says excluded were timed by older code that left that share out of compress_seconds "
-          "(it is their error_tracking_seconds; two-stream methods measure the error on streams they propagate "
-          "anyway, so nothing was left out of theirs). floor.md (benchmarks/floor.py) "
+          "Every row runs through the job code of `lowrank-engine compress` (job.run_job) with the per-block error "
+          "report on, since the plot below needs it. compress_seconds are what a user waits for from the start of "
+          "compression to the last factor: rank allocation, FWSVD's Fisher pass and the error report included "
+          "(error_report on). For single-stream methods the report is an extra X' pass; quality.json gives its "
+          "share as error_tracking_seconds and every stage in stage_seconds (`--no-track-error` skips it). Rows "
+          "marked excluded were timed by older code that left that share out of compress_seconds; two-stream "
+          "methods measure the error on streams they propagate anyway, so nothing was ever left out of theirs. "
+          "floor.md (benchmarks/floor.py) "
           "times each method's matrix products alone on the same machine: the seconds no implementation goes below."
           + (" Records whose device names no CPU model predate it: they were timed on more than one 2-core VM "
              "(the same GEMMs ran 2.1× apart on them), so their compress_seconds compare only roughly."

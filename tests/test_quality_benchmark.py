@@ -175,13 +175,14 @@ def test_table_says_which_rows_timed_the_error_report(tmp_path):
                {**row, "method": "svd-llm", "track_error": True, "stage_seconds": {"error_tracking": 9.0}},
                {**row, "method": "svd", "track_error": False, "stage_seconds": {"solve": 1.0}},
                {**row, "method": "asvd", "error_tracking_seconds": 12.0},  # older code timed it apart
+               {**row, "method": "aa-svd", "error_tracking_seconds": 0.0},  # two streams: nothing to time apart
                {**row, "method": "fwsvd"}]  # older still: counted in compress_seconds
     quality.write_outputs(args, records)
     import json
 
     flat = {r["method"]: r for r in json.loads((tmp_path / "quality.json").read_text())}
-    assert [flat[m]["error_report"] for m in ("dense", "svd-llm", "svd", "asvd", "fwsvd")] == \
-        [None, "on", "off", "excluded", "on"]
+    assert [flat[m]["error_report"] for m in ("dense", "svd-llm", "svd", "asvd", "aa-svd", "fwsvd")] == \
+        [None, "on", "off", "excluded", "on", "on"]
     assert flat["svd-llm"]["error_tracking_seconds"] == 9.0 and flat["asvd"]["error_tracking_seconds"] == 12.0
     assert flat["svd-llm"]["stage_seconds"] == {"error_tracking": 9.0}
     text = (tmp_path / "quality.md").read_text()
