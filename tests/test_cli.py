@@ -354,3 +354,25 @@ def test_refining_on_a_small_or_short_calibration_set_warns():
     assert "8×512 calibration tokens" in warning(method="best", nsamples=8, seqlen=512)
     assert warning(method="best", nsamples=64, seqlen=512) is None
     assert warning(method="aa-svd", nsamples=8, seqlen=128) is None
+
+
+def test_compress_seconds_count_rank_allocation_and_the_fisher_pass(tiny_checkpoint, tmp_path, monkeypatch):
+    """compress_seconds are what the user waits for from the start of compression to the last factor."""
+    import time
+
+    from lowrank_engine import job
+
+    allocate = job.allocate_ranks
+
+    def slow_allocation(*args, **kwargs):
+        time.sleep(0.5)
+        return allocate(*args, **kwargs)
+
+    monkeypatch.setattr(job, "allocate_ranks", slow_allocation)
+    assert run_cli(*_compress_args(tiny_checkpoint, tmp_path / "out", "--method", "fwsvd", "--rank-alloc", "waterfill",
+                                   "--fidelity-samples", 0, "--json", tmp_path / "r.json")) == 0
+    record = json.loads((tmp_path / "r.json").read_text())[0]
+    stages = record["stage_seconds"]
+    assert stages["rank_allocation"] >= 0.5 and stages["fisher"] > 0 and stages["error_tracking"] > 0
+    assert record["compress_seconds"] >= stages["rank_allocation"] + stages["fisher"] + stages["error_tracking"]
+    assert record["track_error"] is True

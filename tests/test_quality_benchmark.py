@@ -188,3 +188,27 @@ def test_table_says_which_rows_timed_the_error_report(tmp_path):
     text = (tmp_path / "quality.md").read_text()
     header = next(line for line in text.splitlines() if line.startswith("| method"))
     assert "| error_report |" in header and "| excluded |" in text and "error report on" in text
+
+
+def test_a_row_runs_through_the_jobs_code(tiny_checkpoint, tmp_path):
+    """A row's child compresses with job.run_job (the CLI's code): in memory and evaluated, or (the memory
+    protocol) streamed to a checkpoint in its own process, its job read from JSON."""
+    import dataclasses
+
+    from lowrank_engine import checkpoint
+
+    quality = _quality()
+    args = _protocol_args(model=str(tiny_checkpoint / "model"), nsamples=4, seqlen=32, batch_size=2)
+    calibration = {"calibration": str(tiny_checkpoint / "calib.txt"), "eval_sets": ()}  # no data set needed
+    spec = dataclasses.replace(quality.row_spec(args, "svd-llm", 0.3), **calibration)
+    record = quality.run_one("svd-llm", spec, "p")
+    assert record["method"] == "svd-llm" and record["protocol"] == "p" and record["track_error"] is True
+    assert "error_tracking" in record["stage_seconds"] and record["compress_seconds"] >= 0
+    assert len(record["layer_errors"]) == 2 and all(e > 0 for e, _ in record["layer_errors"])
+    assert record["calibration"] == f"{tiny_checkpoint / 'calib.txt'} 4x32 seed 0"
+    assert "model" not in record and "output" not in record and record["refine_passes"] is None
+    out = tmp_path / "ckpt"
+    streamed = dataclasses.replace(quality.row_spec(args, "svd-llm", 0.3, output=str(out)), **calibration)
+    record = quality.run_child("svd-llm", streamed, "memory")
+    assert record["protocol"] == "memory" and record["peak_rss_mb"] > 0 and "wikitext2_ppl" not in record
+    assert checkpoint.load(str(out))[1]["method"] == "svd-llm"
