@@ -191,6 +191,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, only=None) -> None:
             options["action"] = "store_false" if default else "store_true"
             shown = None
             if default:
+                if "flag" not in meta:
+                    raise TypeError(f"{cls.__name__}.{f.name}: a setting on by default needs the flag that turns it "
+                                    "off (flag='--no-...')")
                 suffix = f" (on by default; {flag_name(f)} turns it off)"
         else:
             options["type"] = meta.get("type") or kind
