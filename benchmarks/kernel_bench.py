@@ -41,7 +41,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from lowrank_engine import report  # noqa: E402
+from lowrank_engine import report, solvers  # noqa: E402
 from lowrank_engine import triton_kernels as kernels  # noqa: E402
 
 MODELS = {
@@ -76,10 +76,6 @@ class Budget:
 
     def exhausted(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
-
-
-def rank_for(m: int, n: int, ratio: float) -> int:
-    return max(1, math.floor((1.0 - ratio) * m * n / (m + n)))
 
 
 def device_name() -> str:
@@ -184,7 +180,7 @@ def bench_lowrank(models, ratios, tokens, on_gpu, dev, peak_gbps, budget=Budget(
     for model, shapes in models.items():
         for (m, n) in shapes:
             for ratio in ratios:
-                k = rank_for(m, n, ratio)
+                k = solvers.rank_for_ratio(m, n, ratio)
                 if budget.exhausted():
                     records.append({"device": device_name(), "bench": "lowrank_linear", "model": model, "m": m, "n": n,
                                     "k": k, "ratio": ratio, "skipped": "time budget"})
@@ -310,7 +306,7 @@ def bench_e2e_decode(on_gpu, dev, ratio=E2E_RATIO, steps=32):
     for block in blocks:
         for name, lin in block_linears(block).items():
             m, n = lin.out_features, lin.in_features
-            k = rank_for(m, n, ratio)
+            k = solvers.rank_for_ratio(m, n, ratio)
             U = torch.randn(m, k, device=dev, dtype=dtype) / math.sqrt(k)
             V = torch.randn(n, k, device=dev, dtype=dtype) / math.sqrt(n)
             set_submodule(block, name, LowRankLinear.from_factors(U, V, lin.bias))

@@ -2,8 +2,12 @@
 
 SmolLM2-135M-Instruct (fp32, dequantized from the packaged GGUF), 64×512 C4 calibration
 windows (seed 0), WikiText-2 (128 windows) and C4 (64 windows) perplexity at 512 tokens.
-Every configuration runs in its own process, so its peak RSS is its own. Finished
-configurations are cached in --runs-dir, so an interrupted benchmark resumes.
+Every configuration runs in its own process, so its peak RSS is its own, through the job code of
+`lowrank-engine compress` (job.run_job): row_spec defines each row's JobSpec in one place and the
+child reads it as JSON, so every setting the CLI has reaches the benchmark unchanged. The per-block
+error report stays on (the layer-error plot needs it) and its seconds count in compress_seconds, as
+they do for a user of the CLI. Finished configurations are cached in --runs-dir, so an interrupted
+benchmark resumes.
 
     python benchmarks/quality.py                       # the full table
     python benchmarks/quality.py --quick               # minutes on 2 cores: 8 of 30 blocks (CI smoke test)
@@ -14,6 +18,7 @@ Writes quality.md, quality.json and quality_layer_error.png to --out-dir.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from lowrank_engine import job  # first: it sets the OpenMP wait before torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL = "smollm2-cpu-v1"
@@ -60,24 +67,61 @@ def truncated_checkpoint(spec: str, blocks: int, directory: str) -> str:
     return directory
 
 
-def parse_method(spec: str) -> tuple[str, str, bool, str, dict]:
-    """(method, β search, refine, rank allocation, refinement settings): 'saes:fixed' → ('saes', 'fixed', False,
-    'uniform', {}); 'aa-svd+refine+waterfill' → ('aa-svd', 'exact', True, 'waterfill', {}); a preset ('best')
-    expands to its options."""
-    from lowrank_engine import job
-
-    base, *modifiers = spec.split("+")
+def row_fields(label: str) -> dict:
+    """The JobSpec fields a row label names: 'saes:fixed' → saes with the fixed β search; '+refine' and
+    '+waterfill' add refinement and water-filled ranks; a preset name ('best') stays the method."""
+    base, *modifiers = label.split("+")
     for modifier in modifiers:
         if modifier not in MODIFIERS:
-            raise ValueError(f"unknown modifier +{modifier} in {spec}; choose from {', '.join(MODIFIERS)}")
+            raise ValueError(f"unknown modifier +{modifier} in {label}; choose from {', '.join(MODIFIERS)}")
     method, _, search = base.partition(":")
-    refine, alloc = "refine" in modifiers, "waterfill" if "waterfill" in modifiers else "uniform"
-    options = {}
-    if method in job.PRESETS:
-        preset = job.PRESETS[method]
-        method, refine, alloc = preset["method"], refine or preset["refine"], preset["rank_alloc"]
-        options = dict(preset.get("refine_options", {}))
-    return method, search or "exact", refine, alloc, options
+    fields = {"method": method}
+    if search:
+        fields["beta_search"] = search
+    if "refine" in modifiers:
+        fields["refine"] = True
+    if "waterfill" in modifiers:
+        fields["rank_alloc"] = "waterfill"
+    return fields
+
+
+def parse_method(label: str) -> tuple[str, str, bool, str, dict]:
+    """(method, β search, refine, rank allocation, a preset's refinement settings) of a row label, its preset
+    expanded by job.expand_preset: 'saes:fixed' → ('saes', 'fixed', False, 'uniform', {});
+    'aa-svd+refine+waterfill' → ('aa-svd', 'exact', True, 'waterfill', {})."""
+    fields = row_fields(label)
+    spec = job.expand_preset(job.JobSpec(**fields), explicit=set(fields))
+    options = job.PRESETS[spec.preset].get("refine_options", {}) if spec.preset else {}
+    return spec.method, spec.beta_search, spec.refine, spec.rank_alloc, {k: getattr(spec, k) for k in options}
+
+
+def row_spec(args, label: str, ratio: float, output: str | None = None) -> job.JobSpec:
+    """The one definition of a row's job: the protocol's calibration and evaluation, the label's method (its
+    preset expanded), the model kept in memory and evaluated. Every other setting is the JobSpec default, so a
+    new setting reaches the benchmark without touching it. With `output` (the memory protocol) the blocks
+    stream to disk there and nothing is evaluated. The per-block error report stays on (the layer-error plot
+    needs it), so compress_seconds include it."""
+    fields = {} if label == "dense" else {"ratio": ratio, **row_fields(label)}
+    if fields.get("refine"):
+        fields["refine_passes"] = args.refine_passes
+    spec = job.JobSpec(model=args.model, calibration="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                       eval_sets=("wikitext2", "c4"), eval_seqlen=args.eval_seqlen,
+                       eval_windows={"wikitext2": args.wikitext_windows, "c4": args.c4_windows},
+                       batch_size=args.batch_size, device=args.device, save=False, fidelity_samples=0, plot=False,
+                       progress=not args.quiet, track_error=True, **fields)
+    if output is not None:
+        spec = dataclasses.replace(spec, save=True, output=output, eval_sets=())
+    return job.expand_preset(spec, explicit=set(fields))
+
+
+def write_spec(spec: job.JobSpec, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(dataclasses.asdict(spec), f)
+
+
+def read_spec(path: str) -> job.JobSpec:
+    with open(path) as f:
+        return job.JobSpec(**json.load(f))
 
 
 def device_name() -> str:
@@ -91,85 +135,55 @@ def device_name() -> str:
 # --------------------------------------------------------------------------------------
 # one configuration (runs in a child process)
 # --------------------------------------------------------------------------------------
-def run_one(args) -> dict:
-    from lowrank_engine import data, evaluation, models, pipeline  # first: it sets the OpenMP wait before torch
-
+def run_one(label: str, spec: job.JobSpec, protocol: str) -> dict:
+    """The row's record: the job run by job.run_job, as `lowrank-engine compress` runs it; the dense row
+    evaluates the uncompressed model through the same evaluation code (job.evaluate)."""
     import torch
-    from transformers import AutoTokenizer
 
-    method, search, refine, alloc, refine_options = parse_method(args.one)
-    path = models.resolve_model_path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    windows = {"wikitext2": data.evaluation_windows("wikitext2", tokenizer, args.wikitext_windows, args.eval_seqlen),
-               "c4": data.evaluation_windows("c4", tokenizer, args.c4_windows, args.eval_seqlen)}
-    record = {"method": args.one, "ratio": args.ratio, "protocol": args.protocol, "device": device_name(),
-              "calibration": f"c4 {args.nsamples}x{args.seqlen} seed {args.seed}",
-              "threads": torch.get_num_threads(), "refine_passes": args.refine_passes if refine else None}
-    if refine_options:
-        record["refine_settings"] = refine_options
-    # memory runs write each block to disk and drop it, as `lowrank-engine compress` does
-    streaming = args.protocol == "memory"
-    source = pipeline.LazyBlockSource(path, keep_compressed=not streaming)
-    if method == "dense":
-        for i in range(len(source.blocks)):
-            source.materialize(i, "cpu")
-        record.update(compress_seconds=0.0, peak_rss_mb=None)
-    else:
-        calib = data.load_calibration("c4", tokenizer, args.nsamples, args.seqlen, args.seed)
-        pipeline.reset_peak_rss()
-        start = time.perf_counter()
-        rank_map = None
-        if alloc == "waterfill":  # the dense spectra pass is part of the method's cost
-            from lowrank_engine import allocation
+    from lowrank_engine import models
 
-            rank_map = allocation.waterfill_from_model(path, source, calib.input_ids, args.ratio, device=args.device,
-                                                       batch_size=args.batch_size, progress=not args.quiet)
-        cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, rank_map=rank_map, beta_search=search,
-                                         refine=refine, **{"refine_passes": args.refine_passes, **refine_options},
-                                         batch_size=args.batch_size, device=args.device)
-        with tempfile.TemporaryDirectory() as work_dir:
-            compressor = pipeline.Compressor(source, cfg, work_dir=work_dir if streaming else None,
-                                             progress=not args.quiet)
-            # FWSVD's gradients (whole dense model): part of its cost and of its peak
-            compressor.prepare(calib.input_ids, lambda: models.load_model(path)[0])
-            result = compressor.run(calib.input_ids)
-        # the error report of single-stream methods (X' propagated only to measure it) is not part of
-        # the method; it is timed apart, and the factors are identical without it
-        tracking = result.stage_seconds.get("error_tracking", 0.0)
-        record.update(compress_seconds=round(time.perf_counter() - start - tracking, 1),
-                      error_tracking_seconds=round(tracking, 1),
-                      peak_rss_mb=round(result.peak_rss_mb, 1),
-                      stage_seconds={k: round(v, 1) for k, v in result.stage_seconds.items()},
-                      layer_errors=[(b.output_rel_mse, b.output_cosine_distance) for b in result.blocks])
-        betas = [v["beta"] for b in result.blocks for v in b.modules.values() if v.get("beta") is not None]
-        if betas:
-            record["beta_mean"] = sum(betas) / len(betas)
-    if streaming:  # the factors went to disk; perplexity is not the point of this run
+    record = {"method": label, "ratio": 0.0 if label == "dense" else spec.ratio, "protocol": protocol,
+              "device": device_name(), "calibration": f"{spec.calibration} {spec.nsamples}x{spec.seqlen} seed {spec.seed}",
+              "threads": torch.get_num_threads(), "refine_passes": spec.refine_passes if spec.refine else None}
+    if spec.preset:
+        record["refine_settings"] = {k: getattr(spec, k) for k in job.PRESETS[spec.preset].get("refine_options", {})}
+    if label == "dense":
+        model, tokenizer = models.load_model(models.resolve_model_path(spec.model),
+                                             trust_remote_code=spec.trust_remote_code)
+        record.update(compress_seconds=0.0, peak_rss_mb=None, **job.evaluate(model.to(spec.device), tokenizer, spec))
         return record
-    model = source.model.to(args.device)
-    for name, w in windows.items():
-        record[f"{name}_ppl"] = evaluation.perplexity(model, w, progress=not args.quiet, desc=name)
+    result = job.run_job(spec)
+    betas = list(result.pop("betas").values())
+    record.update({k: v for k, v in result.items() if k not in record and k not in ("model", "output")})
+    record.update(compress_seconds=round(result["compress_seconds"], 1), peak_rss_mb=round(result["peak_rss_mb"], 1),
+                  stage_seconds={k: round(v, 1) for k, v in result["stage_seconds"].items()})
+    if betas:
+        record["beta_mean"] = sum(betas) / len(betas)
     return record
 
 
 # --------------------------------------------------------------------------------------
 # the table (parent process)
 # --------------------------------------------------------------------------------------
-def child_command(args, method: str, ratio: float) -> list:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--ratio", str(ratio),
-           "--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-           "--seed", str(args.seed), "--wikitext-windows", str(args.wikitext_windows),
-           "--c4-windows", str(args.c4_windows), "--eval-seqlen", str(args.eval_seqlen),
-           "--batch-size", str(args.batch_size), "--device", args.device, "--protocol", args.protocol,
-           "--refine-passes", str(args.refine_passes)]
-    return cmd + (["--quiet"] if args.quiet else [])
+def run_child(label: str, spec: job.JobSpec, protocol: str) -> dict:
+    """Run one row in its own process (so that its peak RSS is its own); the job goes to it as JSON."""
+    with tempfile.TemporaryDirectory(prefix="lowrank-quality-row-") as tmp:
+        spec_file, record_file = os.path.join(tmp, "spec.json"), os.path.join(tmp, "record.json")
+        write_spec(spec, spec_file)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", label, "--spec", spec_file,
+                               "--protocol", protocol, "--record", record_file])
+        if proc.returncode != 0:
+            raise SystemExit(f"[quality] {label} ratio {spec.ratio} failed with exit code {proc.returncode}")
+        with open(record_file) as f:
+            return json.load(f)
 
 
 def run_configs(args, configs: list) -> list:
     os.makedirs(args.runs_dir, exist_ok=True)
     records = []
     for method, ratio in configs:
-        label = method.replace(":", "-") + (f"{args.refine_passes}" if parse_method(method)[2] else "")
+        spec = row_spec(args, method, ratio)
+        label = method.replace(":", "-") + (f"{spec.refine_passes}" if spec.refine else "")
         cache = os.path.join(args.runs_dir, f"{args.protocol}_{label}_{ratio}.json")
         if os.path.exists(cache):
             with open(cache) as f:
@@ -177,11 +191,7 @@ def run_configs(args, configs: list) -> list:
             continue
         print(f"[quality] {method} ratio {ratio} ...", flush=True)
         start = time.time()
-        with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-            proc = subprocess.run(child_command(args, method, ratio) + ["--record", out.name])
-            if proc.returncode != 0:
-                raise SystemExit(f"[quality] {method} ratio {ratio} failed with exit code {proc.returncode}")
-            record = json.load(open(out.name))
+        record = run_child(method, spec, args.protocol)
         record["wall_seconds"] = round(time.time() - start, 1)
         with open(cache, "w") as f:
             json.dump(record, f)
@@ -242,6 +252,18 @@ def side_by_side(records: list, runs: list) -> list:
     return rows
 
 
+def error_report(record: dict) -> str | None:
+    """Whether a row's compress_seconds include the per-block error report: on / off (the run's setting), or
+    excluded (older records that timed a single-stream method's X' pass apart, as error_tracking_seconds).
+    Records older still timed everything, and two-stream methods measure the error on streams they
+    propagate anyway (error_tracking_seconds 0): on. The dense row compresses nothing (None)."""
+    if "track_error" in record:
+        return "on" if record["track_error"] else "off"
+    if record.get("method") == "dense":
+        return None
+    return "excluded" if record.get("error_tracking_seconds") else "on"
+
+
 def write_outputs(args, records: list) -> None:
     from lowrank_engine.report import format_table, plot_layer_errors, write_json
 
@@ -250,7 +272,10 @@ def write_outputs(args, records: list) -> None:
     for r in records:
         flat.append({k: r.get(k) for k in ("method", "ratio", "wikitext2_ppl", "c4_ppl", "compress_seconds",
                                            "error_tracking_seconds", "peak_rss_mb", "protocol", "device", "calibration", "beta_mean",
-                                           "refine_passes")})
+                                           "refine_passes", "stage_seconds")})
+        flat[-1]["error_report"] = error_report(r)
+        if "track_error" in r:  # the error report's share of compress_seconds (single-stream methods)
+            flat[-1]["error_tracking_seconds"] = (r.get("stage_seconds") or {}).get("error_tracking")
         like_for_like = r.get("protocol") == PROTOCOL and r.get("refine_passes") in (None, 3)  # the peer refined 3 passes
         peer = PEERS.get(r["method"], {}).get(r["ratio"]) if like_for_like else None
         if peer:
@@ -258,7 +283,7 @@ def write_outputs(args, records: list) -> None:
             flat[-1]["peer_compress_seconds"] = PEER_SECONDS.get(r["method"], {}).get(r["ratio"])
     write_json(flat, os.path.join(args.out_dir, "quality.json"))
     columns = ("method", "ratio", "refine_passes", "wikitext2_ppl", "c4_ppl", "peer_wikitext2_ppl", "peer_c4_ppl",
-               "compress_seconds", "peer_compress_seconds", "peak_rss_mb")
+               "compress_seconds", "error_report", "peer_compress_seconds", "peak_rss_mb")
     devices = list(dict.fromkeys(r["device"] for r in flat if r.get("device"))) or ["?"]
     if len(devices) > 1:  # seconds of different machines side by side: say which is which
         columns = columns + ("device",)
@@ -274,8 +299,14 @@ def write_outputs(args, records: list) -> None:
           "peer_compress_seconds come from another 2-core machine (the side-by-side table below times the peer's "
           "code on the engine's machine). saes:fixed = ACES fixed-subspace β. "
           "best = the `best` preset (aa-svd, then refinement with one step per window at lr 1e-3). "
-          "compress_seconds leaves out the error report of single-stream methods (their X' is propagated only "
-          "to measure per-layer error; quality.json gives it as error_tracking_seconds). floor.md (benchmarks/floor.py) "
+          "Every row runs through the job code of `lowrank-engine compress` (job.run_job) with the per-block error "
+          "report on, since the plot below needs it. compress_seconds are what a user waits for from the start of "
+          "compression to the last factor: rank allocation, FWSVD's Fisher pass and the error report included "
+          "(error_report on). For single-stream methods the report is an extra X' pass; quality.json gives its "
+          "share as error_tracking_seconds and every stage in stage_seconds (`--no-track-error` skips it). Rows "
+          "marked excluded were timed by older code that left that share out of compress_seconds; two-stream "
+          "methods measure the error on streams they propagate anyway, so nothing was ever left out of theirs. "
+          "floor.md (benchmarks/floor.py) "
           "times each method's matrix products alone on the same machine: the seconds no implementation goes below."
           + (" Records whose device names no CPU model predate it: they were timed on more than one 2-core VM "
              "(the same GEMMs ran 2.1× apart on them), so their compress_seconds compare only roughly."
@@ -336,12 +367,10 @@ def run_memory(args) -> None:
                 if path == tmp and os.path.exists(os.path.join(base, src)):
                     import shutil
                     shutil.copy(os.path.join(base, src), tmp)
-            with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-                cmd = child_command(args, "svd-llm", 0.4)
-                cmd[cmd.index("--model") + 1] = path
-                cmd += ["--record", out.name, "--protocol", "memory"]
-                subprocess.run(cmd, check=True)  # --protocol memory: blocks streamed to disk, no eval
-                r = json.load(open(out.name))
+            with tempfile.TemporaryDirectory(prefix="lowrank-memory-out-") as out:
+                # blocks streamed to disk, as `lowrank-engine compress` writes them; nothing evaluated
+                spec = dataclasses.replace(row_spec(args, "svd-llm", 0.4, output=os.path.join(out, "ckpt")), model=path)
+                r = run_child("svd-llm", spec, "memory")
             records.append({"model": label, "method": "svd-llm", "ratio": 0.4, "calibration": r["calibration"],
                             "peak_rss_mb": r["peak_rss_mb"], "compress_seconds": r["compress_seconds"],
                             "device": r["device"]})
@@ -366,7 +395,7 @@ def main(argv=None):
     p.add_argument("--wikitext-windows", type=int, default=128)
     p.add_argument("--c4-windows", type=int, default=64)
     p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=job.JobSpec.batch_size)
     p.add_argument("--refine-passes", type=int, default=3, help="for '+refine' rows (3: the peer's setting)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results (benchmarks/results/quick with --quick)")
@@ -384,12 +413,12 @@ def main(argv=None):
                    help="the peer's code timed on named machines, for the side-by-side table")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--protocol", default=PROTOCOL, help=argparse.SUPPRESS)
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--ratio", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: this row label's job ...
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)  # ... as JSON (row_spec, write_spec)
     p.add_argument("--record", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        record = run_one(args)
+        record = run_one(args.one, read_spec(args.spec), args.protocol)
         with open(args.record, "w") as f:
             json.dump(record, f)
         return

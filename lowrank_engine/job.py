@@ -1,108 +1,125 @@
 """One compression job end to end: load → calibrate → compress → evaluate → save → summarize.
 
-The CLI and the quality benchmark both run jobs through `run_job`.
+The CLI and the quality benchmark both run jobs through `run_job`; `compress` and `evaluate` are its two
+halves (the quality benchmark evaluates its dense row, and `lowrank-engine eval` its models, through
+`evaluate`). A job's settings are one `JobSpec`: the compression settings of config.CompressionConfig
+plus the job's own, each defined once with its help text, from which the CLI's flags are generated.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass, field, replace
-from typing import Optional
+import time
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Optional
 
-from lowrank_engine import checkpoint, data, distributed, evaluation, models, pipeline, report, workdir
+from lowrank_engine import checkpoint, config, data, distributed, evaluation, models, pipeline, report, workdir
+from lowrank_engine.config import read_rank_map, setting  # noqa: F401  (read_rank_map: the job's name for it)
 
 logger = logging.getLogger("lowrank_engine")
 
 SUMMARY_COLUMNS = ("method", "ratio", "compressible_params", "compressible_reduction", "model_params",
                    "model_reduction", "wikitext2_ppl", "c4_ppl", "kl", "top1_agreement", "compress_seconds",
                    "peak_rss_mb")
+RANK_ALLOCATIONS = ("uniform", "waterfill", "last-layers")
+EVAL_WINDOWS = {"wikitext2": 128, "c4": 64}  # windows per perplexity set (DESIGN §4)
+
+
+def parse_eval_sets(value: str) -> tuple:
+    return tuple(s for s in value.split(",") if s)
+
+
+def _windows_per_set(value: int) -> dict:
+    return {name: value for name in data.NAMED_SETS}
 
 
 @dataclass
-class JobSpec:
-    model: str = models.DEFAULT_MODEL
-    method: str = "saes"
-    ratio: Optional[float] = 0.2
-    rank_map: Optional[str] = None  # path to a JSON {module: rank or null (dense)}
-    rank_alloc: str = "uniform"  # uniform | waterfill | last-layers
-    last_layers: Optional[int] = None  # last-layers: how many final blocks are compressed (None: searched)
-    calibration: str = "self"
-    nsamples: int = 16
-    seqlen: int = 256
-    seed: int = 0
-    beta_search: str = "exact"
-    device: str = "cpu"
-    offload: str = "none"  # none | cpu | disk
-    batch_size: int = 8
-    max_memory: Optional[str] = None  # e.g. "20GiB" or "cuda:60GiB,cpu:24GiB"
-    residual_split: float = 0.75  # erc-svd
-    residual_stage2: str = "aa-svd"  # erc-svd
-    refine: dict = field(default_factory=dict)  # CompressionConfig refine_* fields (refine=True to enable)
-    solve_dtype: Optional[str] = None  # float32 | float64 (default: float64 on CPU, float32 on GPU)
-    compute_dtype: Optional[str] = None  # blocks' precision (default: the checkpoint's; fp32 on CPU for bf16/fp16)
-    output: Optional[str] = None
-    resume: bool = False
-    save: bool = True
-    eval_sets: tuple = ()  # subset of ("wikitext2", "c4")
-    eval_windows: dict = field(default_factory=lambda: {"wikitext2": 128, "c4": 64})
-    eval_seqlen: int = 512
-    fidelity_samples: int = 8
-    fidelity_seqlen: int = 128
-    trust_remote_code: bool = False
-    progress: bool = True
-    plot: bool = True
-    preset: Optional[str] = None  # set by expand_preset: the preset this job's options came from
+class JobSpec(config.CompressionConfig):
+    """Every setting of a job: the inherited compression settings, then the job's own. The defaults are
+    `lowrank-engine compress` with no flags (the quick start)."""
+    cli_title = "job settings"  # the CLI's heading of these flags (not a field)
+
+    model: str = setting(models.DEFAULT_MODEL, "'smollm2-135m' (embedded default), a local HF checkpoint "
+                                               "directory, or a hub id")
+    rank_alloc: str = setting("uniform", "how the ratio is spread: the same ratio per matrix; water-filling by the "
+                                         "dense whitened spectra (one extra statistics pass); or ResSVD's last-layers "
+                                         "rule (--last-layers K, or searched)", choices=RANK_ALLOCATIONS)
+    last_layers: Optional[int] = setting(None, "with --rank-alloc last-layers: compress only the last K blocks, "
+                                               "harder, at the same overall ratio; without it, K is searched: a few "
+                                               "feasible K are tried on 8 calibration windows and the one with the "
+                                               "smallest last-block error against the dense model wins")
+    calibration: str = setting("self", f"'self' (text sampled from the model; no data set needed), one of "
+                                       f"{list(data.NAMED_SETS)} (from $LOWRANK_ENGINE_DATA or the hub), or a "
+                                       ".txt/.jsonl/.parquet file")
+    nsamples: int = setting(16, "number of calibration windows")
+    seqlen: int = setting(256, "tokens per calibration window")
+    seed: int = setting(0, "seed for window sampling and self-calibration")
+    output: Optional[str] = setting(None, "checkpoint directory (default lowrank-out/<model>-<method>-r<ratio>)")
+    resume: bool = setting(False, "continue an interrupted run from its last finished block")
+    save: bool = setting(True, "write the checkpoint; without it the compressed model stays in memory only",
+                         flag="--no-save")
+    eval_sets: Optional[tuple] = setting(None, "comma-separated perplexity sets (wikitext2,c4); default: both when "
+                                               "$LOWRANK_ENGINE_DATA is set, else none", type=str, from_cli=parse_eval_sets)
+    eval_windows: dict = setting(help="windows per perplexity set", factory=lambda: dict(EVAL_WINDOWS), type=int,
+                                 from_cli=_windows_per_set,
+                                 default_help=" / ".join(f"{n} {k}" for k, n in EVAL_WINDOWS.items()))
+    eval_seqlen: int = setting(512, "tokens per perplexity window")
+    fidelity_samples: int = setting(8, "held-out sequences sampled from the dense model for KL / top-1 agreement "
+                                       "(0 disables)")
+    fidelity_seqlen: int = setting(128, "tokens per held-out sequence")
+    trust_remote_code: bool = setting(False, "allow custom model code from the checkpoint")
+    progress: bool = setting(True, "progress bars", flag="--quiet")
+    plot: bool = setting(True, "draw the per-block error plot layer_error.png next to the checkpoint",
+                         flag="--no-plot")
+    preset: Optional[str] = setting(None, "the preset this job's settings came from (set by expand_preset)",
+                                    cli=False)
+
+    def __post_init__(self):
+        if self.eval_sets is not None and not isinstance(self.eval_sets, tuple):  # a list, read back from JSON
+            self.eval_sets = tuple(self.eval_sets)
 
 
 # A preset composes the engine's stages (objective, rank allocation, refinement); it is not a
-# method of its own. "best": the anchored objective (AA-SVD stage 1) stops error from compounding
+# method of its own. Its keys are JobSpec fields ("refine_options": the refine_* ones); it fills in
+# those the user did not set. "best": the anchored objective (AA-SVD stage 1) stops error from compounding
 # through depth, and block refinement recovers what the per-matrix closed forms cannot. Refinement
 # takes one AdamW step per calibration window at a 1e-3 peak: the published one step per batch at 1e-4
 # barely moves the factors in a few passes. On the first 5 SmolLM2 blocks at ratio 0.4 (64×512 C4,
 # 3 passes) the last block's relative output error was 0.0805 (published settings), 0.0734 (per-window
 # steps), 0.0639 (lr 3e-4), 0.0579 (lr 1e-3), 0.0568 (lr 3e-3); SAES as the starting point gave 0.0581
 # for a costlier solve. Three passes of per-window steps are 192 steps on 64 windows, about the
-# published 25 passes of 8-window batches (200 steps), at an eighth of the compute. Water-filled ranks were measured worse at ratio 0.4 (551.5 / 269.6 against
-# 447.1 / 222.2 uniform), so ranks stay uniform (benchmarks/results/quality.md).
+# published 25 passes of 8-window batches (200 steps), at an eighth of the compute. Water-filled ranks were measured worse at ratio 0.4 (551.5 / 269.6
+# against 447.1 / 222.2 uniform), so ranks stay uniform (benchmarks/results/quality.md).
 PRESETS = {
     "best": {"method": "aa-svd", "rank_alloc": "uniform", "refine": True,
              "refine_options": {"refine_passes": 3, "refine_micro_batch": 1, "refine_lr": 1e-3}},
 }
 
 
-def expand_preset(spec: JobSpec) -> JobSpec:
-    """A job whose method names a preset, with the preset's options filled in."""
-    preset = PRESETS.get(spec.method)
-    if preset is None:
+def preset_fields(name: str) -> dict:
+    """The JobSpec fields a preset sets (its method included)."""
+    preset = PRESETS[name]
+    return {**{k: v for k, v in preset.items() if k != "refine_options"}, **preset.get("refine_options", {})}
+
+
+def expand_preset(spec: JobSpec, explicit: Optional[set] = None) -> JobSpec:
+    """A job whose method names a preset, with the preset's settings filled in where the user set none.
+    `explicit`: the names of the fields the user gave (the CLI knows them); None counts every field that
+    differs from its default as given."""
+    if spec.method not in PRESETS:
         return spec
-    # the preset's refinement settings, unless the job names its own
-    refine = {**preset.get("refine_options", {}), **spec.refine,
-              "refine": preset["refine"] or spec.refine.get("refine", False)}
-    return replace(spec, method=preset["method"], rank_alloc=preset["rank_alloc"], refine=refine, preset=spec.method)
+    if explicit is None:
+        explicit = {f.name for f in fields(JobSpec) if getattr(spec, f.name) != config.field_default(f)}
+    filled = {k: v for k, v in preset_fields(spec.method).items() if k == "method" or k not in explicit}
+    return replace(spec, **filled, preset=spec.method)
 
 
 def default_output(spec: JobSpec) -> str:
     name = os.path.basename(os.path.normpath(spec.model)) or "model"
     tag = f"r{spec.ratio}" if spec.ratio is not None else "rankmap"
     return os.path.join("lowrank-out", f"{name}-{spec.preset or spec.method}-{tag}")
-
-
-def read_rank_map(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            rank_map = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read rank map {path}: {exc}") from exc
-    if not isinstance(rank_map, dict) or not all(v is None or (isinstance(v, int) and not isinstance(v, bool))
-                                                 for v in rank_map.values()):
-        raise ValueError(f"rank map {path} must be a JSON object of module name → integer rank (null: keep dense)")
-    return rank_map
-
-
-RANK_ALLOCATIONS = ("uniform", "waterfill", "last-layers")
 
 
 def allocate_ranks(spec: JobSpec, path: str, source, input_ids) -> dict:
@@ -131,9 +148,8 @@ def _compressible_parameters(model) -> int:
 
 
 def _validate(spec: JobSpec) -> None:
-    from lowrank_engine import solvers
-
-    solvers.get_method(spec.method)
+    """The job's own checks; every compression setting is checked by CompressionConfig.validate."""
+    spec.compression().validate()
     if spec.rank_alloc not in RANK_ALLOCATIONS:
         raise ValueError(f"unknown rank allocation {spec.rank_alloc!r}; choose from {', '.join(RANK_ALLOCATIONS)}")
     if spec.rank_alloc != "uniform" and spec.ratio is None:
@@ -142,9 +158,7 @@ def _validate(spec: JobSpec) -> None:
         raise ValueError("--last-layers K only applies with --rank-alloc last-layers")
     if spec.last_layers is not None and spec.last_layers < 1:
         raise ValueError(f"--last-layers K must be at least 1, got {spec.last_layers}")
-    if spec.ratio is not None and not 0.0 < spec.ratio < 1.0:
-        raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed), got {spec.ratio}")
-    for name in spec.eval_sets:
+    for name in spec.eval_sets or ():
         if name not in data.NAMED_SETS:
             raise ValueError(f"unknown evaluation set {name!r}; choose from {', '.join(data.NAMED_SETS)}")
 
@@ -157,7 +171,7 @@ def refinement_warning(spec: JobSpec) -> Optional[str]:
     SmolLM2 at ratio 0.4, WikiText-2 PPL: aa-svd 1,469 → refined 1,580 on 8×512 tokens (evaluated at 512);
     refined on 8×128 tokens, 104,685 (evaluated at 128) and 235,131 (at 512); on 64×512 tokens
     refinement gains (576 → 447)."""
-    if not spec.refine.get("refine"):
+    if not spec.refine:
         return None
     problems = []
     if spec.nsamples * spec.seqlen < REFINE_MIN_TOKENS:
@@ -171,12 +185,60 @@ def refinement_warning(spec: JobSpec) -> Optional[str]:
             "--seqlen at least the context you serve, or drop --refine.")
 
 
-def run_job(spec: JobSpec) -> dict:
-    """Returns the summary record (also printed and written as JSON next to the checkpoint)."""
+def resolve(spec: JobSpec, explicit: Optional[set] = None) -> JobSpec:
+    """The job as it runs: its preset expanded, its evaluation sets chosen, every setting checked."""
+    spec = expand_preset(spec, explicit)
+    if spec.eval_sets is None:  # both named sets where a data directory holds them, else none
+        spec = replace(spec, eval_sets=tuple(data.NAMED_SETS) if data.data_dir() else ())
+    _validate(spec)
+    return spec
+
+
+def evaluation_windows(spec: JobSpec, tokenizer) -> dict:
+    """The perplexity windows of each of the job's evaluation sets (loaded before any compression work, so a
+    missing data set fails first)."""
+    return {name: data.evaluation_windows(name, tokenizer, spec.eval_windows.get(name, EVAL_WINDOWS[name]),
+                                          spec.eval_seqlen)
+            for name in spec.eval_sets or ()}
+
+
+def evaluate(model, tokenizer, spec: JobSpec, windows: Optional[dict] = None,
+             dense: Optional[Callable] = None) -> dict:
+    """The figures of `model` under the job's evaluation settings: perplexity on each of its evaluation sets
+    and, with fidelity samples and `dense` (a callable giving the dense model on the job's device), KL and
+    top-1 agreement on sequences the dense model samples. Compressed and dense models alike are evaluated
+    here: by `run_job`, `lowrank-engine eval` and the quality benchmark's dense row."""
+    windows = evaluation_windows(spec, tokenizer) if windows is None else windows
+    figures = {}
+    for name, w in windows.items():
+        figures[f"{name}_ppl"] = evaluation.perplexity(model, w, progress=spec.progress, desc=name)
+    if spec.fidelity_samples and dense is not None:
+        dense_model = dense()
+        held_out = data.sample_from_model(dense_model, tokenizer, spec.fidelity_samples, spec.fidelity_seqlen,
+                                          seed=spec.seed + 10_007)
+        figures.update(evaluation.fidelity(dense_model, model, held_out))
+        del dense_model
+    return figures
+
+
+@dataclass
+class Compressed:
+    """What `compress` leaves: the compressed model (None on ranks other than 0), its record so far, and what
+    evaluating it needs."""
+    spec: JobSpec
+    record: dict
+    model: object = None
+    tokenizer: object = None
+    windows: Optional[dict] = None
+    path: Optional[str] = None  # the dense model's local directory
+
+
+def compress(spec: JobSpec) -> Compressed:
+    """Load, calibrate, compress and (with spec.save) write the checkpoint of a resolved job (`resolve`).
+    The record's compress_seconds are what the user waits for from the start of compression to the last
+    factor: rank allocation, FWSVD's Fisher pass, and the per-block error report when it is on."""
     from transformers import AutoConfig, AutoTokenizer
 
-    spec = expand_preset(spec)
-    _validate(spec)
     warning = refinement_warning(spec)
     if warning:
         logger.warning(warning)
@@ -190,11 +252,10 @@ def run_job(spec: JobSpec) -> dict:
         if not spec.resume:
             raise checkpoint.CheckpointError(f"{work_dir} holds an interrupted run: pass --resume to continue it, "
                                              "or remove it")
-    rank_map = read_rank_map(spec.rank_map) if spec.rank_map else None
     path = models.resolve_model_path(spec.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise models.ModelSourceError(f"cannot load model {spec.model!r}: {str(exc).splitlines()[0]}") from exc
 
@@ -207,23 +268,26 @@ def run_job(spec: JobSpec) -> dict:
         del dense
     else:
         calib = data.load_calibration(spec.calibration, tokenizer, spec.nsamples, spec.seqlen, spec.seed)
-    eval_windows = {name: data.evaluation_windows(name, tokenizer, spec.eval_windows.get(name, 64), spec.eval_seqlen)
-                    for name in spec.eval_sets}
-
-    if spec.rank_alloc != "uniform":
-        rank_map = {**allocate_ranks(spec, path, source, calib.input_ids), **(rank_map or {})}
-    cfg = pipeline.CompressionConfig(method=spec.method, ratio=spec.ratio, rank_map=rank_map,
-                                     beta_search=spec.beta_search, device=spec.device, offload=spec.offload,
-                                     batch_size=spec.batch_size, max_memory=spec.max_memory,
-                                     residual_split=spec.residual_split, residual_stage2=spec.residual_stage2,
-                                     **spec.refine,
-                                     solve_dtype=spec.solve_dtype, compute_dtype=spec.compute_dtype)
+    windows = evaluation_windows(spec, tokenizer)
     dense_linears = sum(p.numel() for b in source.blocks for m in models.block_linears(b).values()
                         for p in m.parameters())
     dense_params = models.count_parameters(source.model)
-    compressor = pipeline.Compressor(source, cfg, work_dir=work_dir if spec.save else None, progress=spec.progress)
-    compressor.prepare(calib.input_ids,
-                       lambda: models.load_model(path, trust_remote_code=spec.trust_remote_code)[0].to(spec.device))
+    dense_model = lambda: models.load_model(path, trust_remote_code=spec.trust_remote_code)[0].to(spec.device)  # noqa: E731
+
+    # compression starts: everything from here to the last factor is compress_seconds (and its peak RSS)
+    pipeline.reset_peak_rss()
+    start = time.perf_counter()
+    before = {}
+    rank_map = spec.rank_map
+    if spec.rank_alloc != "uniform":
+        rank_map = {**allocate_ranks(spec, path, source, calib.input_ids), **(rank_map or {})}
+        before["rank_allocation"] = time.perf_counter() - start
+    compressor = pipeline.Compressor(source, replace(spec.compression(), rank_map=rank_map),
+                                     work_dir=work_dir if spec.save else None, progress=spec.progress)
+    began = time.perf_counter()
+    compressor.prepare(calib.input_ids, dense_model)  # FWSVD's Fisher: gradients of the whole dense model
+    if compressor.fisher is not None:
+        before["fisher"] = time.perf_counter() - began
     compressor.memory_plan(calib.input_ids)  # a budget that cannot hold one block fails before any output exists
     distributed.barrier()  # every rank has checked the output paths before any creates them
     lock = workdir.WorkDirLock(work_dir)  # one process per output; rank 0 holds it for its peers
@@ -233,14 +297,14 @@ def run_job(spec: JobSpec) -> dict:
         if distributed.rank() == 0:
             lock.acquire()
     try:
-        pipeline.reset_peak_rss()
         result = compressor.run(calib.input_ids)
+        seconds = time.perf_counter() - start
         if distributed.rank() != 0:  # rank 0 assembles, evaluates and reports
-            return {"method": spec.method, "ratio": spec.ratio, "rank": distributed.rank()}
+            return Compressed(spec, {"method": spec.method, "ratio": spec.ratio, "rank": distributed.rank()})
         lowrank_config = checkpoint.build_lowrank_config(result.ranks, spec.method, spec.ratio, calib.describe(),
                                                          {"beta_search": spec.beta_search, "base_model": spec.model})
         if spec.save:
-            checkpoint.assemble_checkpoint(work_dir, output, source.non_block_state(), config, tokenizer,
+            checkpoint.assemble_checkpoint(work_dir, output, source.non_block_state(), model_config, tokenizer,
                                            lowrank_config, trust_remote_code=spec.trust_remote_code)
             shutil.rmtree(work_dir, ignore_errors=True)
     except ValueError:  # bad input (NaN activations, an unsupported model): a resume would fail alike
@@ -258,27 +322,35 @@ def run_job(spec: JobSpec) -> dict:
     record = {"method": spec.preset or spec.method, "ratio": spec.ratio, "model": spec.model,
               "compressible_params": _compressible_parameters(model), "compressible_dense": dense_linears,
               "model_params": models.count_parameters(model), "model_dense": dense_params,
-              "compress_seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb, "peak_gpu_mb": result.peak_gpu_mb,
-              "stage_seconds": result.stage_seconds, "calibration": calib.describe(), "beta_search": spec.beta_search}
+              "compress_seconds": seconds, "peak_rss_mb": result.peak_rss_mb, "peak_gpu_mb": result.peak_gpu_mb,
+              "stage_seconds": {**before, **result.stage_seconds}, "track_error": spec.track_error,
+              "calibration": calib.describe(), "beta_search": spec.beta_search}
     record["compressible_reduction"] = 1 - record["compressible_params"] / dense_linears
     record["model_reduction"] = 1 - record["model_params"] / dense_params
-    for name, windows in eval_windows.items():
-        record[f"{name}_ppl"] = evaluation.perplexity(model, windows, progress=spec.progress, desc=name)
-    if spec.fidelity_samples:
-        dense_model = models.load_model(path, trust_remote_code=spec.trust_remote_code)[0].to(spec.device)
-        held_out = data.sample_from_model(dense_model, tokenizer, spec.fidelity_samples, spec.fidelity_seqlen,
-                                          seed=spec.seed + 10_007)
-        record.update(evaluation.fidelity(dense_model, model, held_out))
-        del dense_model
     record["layer_errors"] = [(b.output_rel_mse, b.output_cosine_distance) for b in result.blocks]
     record["betas"] = {f"{b.index}.{n}": v["beta"] for b in result.blocks for n, v in b.modules.items()
                        if v.get("beta") is not None}
     if spec.save:
-        report.write_json([record], os.path.join(output, "results.json"))
+        record["output"] = output
+    return Compressed(spec, record, model, tokenizer, windows, path)
+
+
+def run_job(spec: JobSpec, explicit: Optional[set] = None) -> dict:
+    """Returns the summary record (also printed and written as JSON next to the checkpoint). `explicit`: the
+    fields the user set (see expand_preset)."""
+    done = compress(resolve(spec, explicit))
+    spec, record = done.spec, done.record
+    if done.model is None:  # a rank other than 0
+        return record
+    record.update(evaluate(done.model, done.tokenizer, spec, done.windows,
+                           dense=lambda: models.load_model(done.path, trust_remote_code=spec.trust_remote_code)[0]
+                           .to(spec.device)))
+    if spec.save:
+        output = record["output"]
+        report.write_json([{k: v for k, v in record.items() if k != "output"}], os.path.join(output, "results.json"))
         if spec.plot:
             report.plot_layer_errors({f"{spec.method} r={spec.ratio}": record["layer_errors"]},
                                      os.path.join(output, "layer_error.png"))
-        record["output"] = output
     return record
 
 

@@ -160,13 +160,112 @@ def test_existing_output_and_resume_guard(tiny_checkpoint, tmp_path, capsys):
     _assert_one_line_error(capsys, "--resume")
 
 
-def test_help_documents_every_flag(capsys):
+# every flag `compress` had before its flags were generated from JobSpec's fields
+FLAGS_BEFORE_GENERATION = (
+    "--model", "--method", "--ratio", "--rank-map", "--rank-alloc", "--last-layers", "--calibration", "--nsamples",
+    "--seqlen", "--seed", "--beta-search", "--residual-split", "--residual-stage2", "--refine", "--refine-passes",
+    "--refine-lr", "--refine-weight-decay", "--refine-warmup", "--refine-final-lr", "--refine-clip",
+    "--refine-tokens", "--refine-micro-batch", "--device", "--offload", "--batch-size", "--max-memory",
+    "--solve-dtype", "--compute-dtype", "--output", "--resume", "--no-save", "--eval-sets", "--eval-windows",
+    "--eval-seqlen", "--fidelity-samples", "--json", "--trust-remote-code", "--quiet")
+
+
+def _compress_parser():
+    import argparse
+
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["compress"]
+
+
+def _help(capsys, *command):
     with pytest.raises(SystemExit):
-        cli.main(["compress", "--help"])
-    text = capsys.readouterr().out
-    for flag in ("--model", "--method", "--ratio", "--rank-map", "--calibration", "--nsamples", "--seqlen",
-                 "--seed", "--beta-search", "--device", "--offload", "--output", "--resume", "--eval-sets"):
-        assert flag in text
+        cli.main([*command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_documents_every_flag(capsys):
+    text = _help(capsys, "compress")
+    flags = {s for a in _compress_parser()._actions for s in a.option_strings}
+    for flag in FLAGS_BEFORE_GENERATION + ("--no-track-error",):
+        assert flag in flags and f"{flag} " in text, flag
+    assert "(default: saes)" in text and "(default: 0.2)" in text and "(default: 16)" in text
+
+
+def test_every_setting_is_a_compress_flag_that_parses_back(tmp_path, capsys):
+    """Each JobSpec field with CLI metadata is a flag in --help, and a non-default value given on the command
+    line comes back as that field's value: a new setting is covered without touching this test."""
+    from lowrank_engine import config, job
+
+    text = _help(capsys, "compress")
+    actions = {a.dest: a for a in _compress_parser()._actions}
+    argv, expected = [], {}
+    for f in config.cli_fields(job.JobSpec):
+        action = actions[f.name]  # every setting is a flag
+        flag = action.option_strings[0]
+        assert f"{flag} " in text, flag
+        default = config.cli_default(f)
+        if action.nargs == 0:  # a bare flag flips the default
+            argv.append(flag)
+            expected[f.name] = not default
+            continue
+        if action.metavar == "FILE":
+            token = str(tmp_path / f"{f.name}.json")
+            (tmp_path / f"{f.name}.json").write_text(json.dumps({"model.layers.0.mlp.up_proj": 5}))
+        elif action.choices:
+            token = next(c for c in action.choices if c != default)
+        else:
+            token = next(str(v) for v in {int: (7, 9), float: (0.37, 0.41), str: ("x-7", "x-9")}[action.type]
+                         if str(v) != str(default))
+        argv += [flag, token]
+        convert = f.metadata.get("from_cli")
+        expected[f.name] = convert(action.type(token)) if convert else action.type(token)
+    spec, explicit = cli.compress_spec(cli.build_parser().parse_args(["compress", *argv]))
+    assert spec == job.JobSpec(**expected) and explicit == set(expected)
+    for f in config.cli_fields(job.JobSpec):
+        assert getattr(spec, f.name) != config.field_default(f), f.name  # the flag changed it
+    assert spec.rank_map == {"model.layers.0.mlp.up_proj": 5} and spec.progress is False
+
+
+def test_compress_without_flags_is_the_jobspecs_defaults():
+    from lowrank_engine import config, job
+
+    spec, explicit = cli.compress_spec(cli.build_parser().parse_args(["compress"]))
+    assert spec == job.JobSpec(device=config.default_device()) and explicit == set()
+    assert (spec.method, spec.ratio, spec.calibration, spec.nsamples, spec.seqlen) == ("saes", 0.2, "self", 16, 256)
+    assert spec.track_error and spec.save and spec.progress
+
+
+def test_an_unreadable_rank_map_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "ranks.json"
+    bad.write_text("{not json")
+    assert run_cli("compress", "--rank-map", bad, "--output", tmp_path / "o", "--quiet") == 2
+    _assert_one_line_error(capsys, "cannot read rank map")
+    bad.write_text(json.dumps({"model.layers.0.mlp.up_proj": 2.5}))
+    assert run_cli("compress", "--rank-map", bad, "--output", tmp_path / "o", "--quiet") == 2
+    _assert_one_line_error(capsys, "integer rank")
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_track_error_skips_the_report_and_leaves_the_factors(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    records, shards = {}, {}
+    for name, extra in (("on", []), ("off", ["--no-track-error"])):
+        out = tmp_path / name
+        assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "svd-llm", "--fidelity-samples", 0,
+                                       "--json", tmp_path / f"{name}.json", *extra)) == 0
+        records[name] = json.loads((tmp_path / f"{name}.json").read_text())[0]
+        shards[name] = {p.name: load_file(str(p)) for p in sorted(out.glob("*.safetensors"))}
+    on, off = records["on"], records["off"]
+    assert on["track_error"] is True and off["track_error"] is False
+    assert "error_tracking" in on["stage_seconds"] and "error_tracking" not in off["stage_seconds"]
+    assert all(e > 0 for e, _ in on["layer_errors"])
+    assert all(e is None and c is None for e, c in off["layer_errors"])  # NaN, written as null
+    assert shards["on"].keys() == shards["off"].keys() and shards["on"]
+    for name, tensors in shards["on"].items():
+        assert tensors.keys() == shards["off"][name].keys()
+        for key, t in tensors.items():
+            assert t.dtype == shards["off"][name][key].dtype and torch.equal(t, shards["off"][name][key]), key
 
 
 def test_info(capsys):
@@ -224,11 +323,25 @@ def test_best_preset_composes_anchoring_and_refinement(tiny_checkpoint, tmp_path
 def test_a_preset_fills_refinement_settings_the_job_leaves_unset():
     from lowrank_engine import job
 
-    spec = job.expand_preset(job.JobSpec(model="m", method="best", refine={"refine_lr": 5e-4, "refine_passes": 7}))
+    spec = job.expand_preset(job.JobSpec(model="m", method="best", refine_lr=5e-4, refine_passes=7))
     assert spec.method == "aa-svd" and spec.preset == "best"
-    assert spec.refine == {"refine": True, "refine_micro_batch": 1, "refine_lr": 5e-4, "refine_passes": 7}
+    assert (spec.refine, spec.refine_micro_batch, spec.refine_lr, spec.refine_passes) == (True, 1, 5e-4, 7)
     plain = job.expand_preset(job.JobSpec(model="m", method="aa-svd"))
-    assert plain.refine == {} and plain.preset is None
+    assert plain == job.JobSpec(model="m", method="aa-svd") and not plain.refine and plain.preset is None
+    # a setting the user gave wins even at its default value (the CLI passes the flags it was given)
+    given = job.expand_preset(job.JobSpec(model="m", method="best", refine_lr=1e-4, rank_alloc="waterfill"),
+                              explicit={"method", "refine_lr", "rank_alloc"})
+    assert (given.refine_lr, given.rank_alloc, given.refine_passes) == (1e-4, "waterfill", 3)
+
+
+def test_the_cli_passes_the_settings_it_was_given_to_the_preset():
+    from lowrank_engine import job
+
+    args = cli.build_parser().parse_args(["compress", "--method", "best", "--refine-lr", "1e-4", "--quiet"])
+    spec, explicit = cli.compress_spec(args)
+    assert explicit == {"method", "refine_lr", "progress"}
+    expanded = job.expand_preset(spec, explicit)
+    assert expanded.refine_lr == 1e-4 and expanded.refine_passes == 3 and expanded.refine_micro_batch == 1
 
 
 def test_refining_on_a_small_or_short_calibration_set_warns():
@@ -241,3 +354,25 @@ def test_refining_on_a_small_or_short_calibration_set_warns():
     assert "8×512 calibration tokens" in warning(method="best", nsamples=8, seqlen=512)
     assert warning(method="best", nsamples=64, seqlen=512) is None
     assert warning(method="aa-svd", nsamples=8, seqlen=128) is None
+
+
+def test_compress_seconds_count_rank_allocation_and_the_fisher_pass(tiny_checkpoint, tmp_path, monkeypatch):
+    """compress_seconds are what the user waits for from the start of compression to the last factor."""
+    import time
+
+    from lowrank_engine import job
+
+    allocate = job.allocate_ranks
+
+    def slow_allocation(*args, **kwargs):
+        time.sleep(0.5)
+        return allocate(*args, **kwargs)
+
+    monkeypatch.setattr(job, "allocate_ranks", slow_allocation)
+    assert run_cli(*_compress_args(tiny_checkpoint, tmp_path / "out", "--method", "fwsvd", "--rank-alloc", "waterfill",
+                                   "--fidelity-samples", 0, "--json", tmp_path / "r.json")) == 0
+    record = json.loads((tmp_path / "r.json").read_text())[0]
+    stages = record["stage_seconds"]
+    assert stages["rank_allocation"] >= 0.5 and stages["fisher"] > 0 and stages["error_tracking"] > 0
+    assert record["compress_seconds"] >= stages["rank_allocation"] + stages["fisher"] + stages["error_tracking"]
+    assert record["track_error"] is True

@@ -111,3 +111,15 @@ def test_bad_arguments_fail_before_writing(tmp_path, argv):
         floor.main(argv + ["--out-dir", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_seconds_leave_out_the_error_report(tmp_path):
+    """quality.py's records count the error report in compress_seconds; the floor has none."""
+    floor = load_floor()
+    base = {"protocol": "p", "device": "cpu", "method": "svd-llm", "ratio": 0.4, "refine_passes": None}
+    (tmp_path / "new.json").write_text(json.dumps({**base, "compress_seconds": 80.0, "track_error": True,
+                                                   "stage_seconds": {"statistics": 40.0, "error_tracking": 30.0}}))
+    assert floor.engine_seconds(str(tmp_path), "p", "cpu", "svd-llm", 0.4, 3) == 50.0
+    (tmp_path / "new.json").write_text(json.dumps({**base, "compress_seconds": 80.0, "track_error": False,
+                                                   "stage_seconds": {"statistics": 40.0}}))
+    assert floor.engine_seconds(str(tmp_path), "p", "cpu", "svd-llm", 0.4, 3) == 80.0

@@ -103,3 +103,112 @@ def test_side_by_side_table_pairs_only_peer_runs_of_the_same_machine(tmp_path):
     other_passes = [{**peer, "device": intel, "compress_seconds": 240.0, "refine_passes": 25}]
     assert "## Side by side" not in _write_table(tmp_path, [intel], peer_runs=other_passes)
     assert "## Side by side" not in _write_table(tmp_path, [intel])
+
+
+def _protocol_args(**overrides):
+    import argparse
+
+    values = dict(model="m", nsamples=64, seqlen=512, seed=0, wikitext_windows=128, c4_windows=64, eval_seqlen=512,
+                  batch_size=8, device="cpu", quiet=True, refine_passes=3)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+PROTOCOL_SPEC = dict(model="m", calibration="c4", nsamples=64, seqlen=512, seed=0, eval_sets=("wikitext2", "c4"),
+                     eval_windows={"wikitext2": 128, "c4": 64}, eval_seqlen=512, batch_size=8, device="cpu",
+                     save=False, fidelity_samples=0, plot=False, progress=False, track_error=True)
+
+
+def test_a_rows_job_is_a_jobspec_of_the_protocol(tmp_path):
+    quality = _quality()
+    args = _protocol_args()
+    assert quality.row_spec(args, "saes:fixed", 0.4) == job.JobSpec(**PROTOCOL_SPEC, method="saes",
+                                                                     beta_search="fixed", ratio=0.4)
+    assert quality.row_spec(args, "aa-svd+refine+waterfill", 0.2) == job.JobSpec(
+        **PROTOCOL_SPEC, method="aa-svd", ratio=0.2, refine=True, refine_passes=3, rank_alloc="waterfill")
+    best = quality.row_spec(_protocol_args(refine_passes=25), "best", 0.4)  # --refine-passes is for +refine rows
+    assert best == job.expand_preset(job.JobSpec(**PROTOCOL_SPEC, method="best", ratio=0.4))
+    assert (best.method, best.preset, best.refine, best.refine_passes) == ("aa-svd", "best", True, 3)
+    memory = quality.row_spec(args, "svd-llm", 0.4, output=str(tmp_path / "ckpt"))
+    assert memory == job.JobSpec(**{**PROTOCOL_SPEC, "save": True, "eval_sets": ()}, output=str(tmp_path / "ckpt"),
+                                 method="svd-llm", ratio=0.4)
+    assert quality.row_spec(args, "dense", 0.0) == job.JobSpec(**PROTOCOL_SPEC)  # evaluated only
+
+
+def _other_value(f, kind):
+    """A value of the field's type that is not its default."""
+    from lowrank_engine import config
+
+    default = config.field_default(f)
+    if kind is bool:
+        return not default
+    samples = {int: (7, 9), float: (0.37, 0.41), str: ("x-7", "x-9"), tuple: (("c4",), ("wikitext2",)),
+               dict: ({"a.b": 3}, {"a.b": 5})}[kind]
+    return next(v for v in samples if v != default)
+
+
+def test_every_jobspec_field_reaches_the_child_unchanged(tmp_path):
+    """The child reads its job from JSON: any JobSpec field, a new one included, arrives as it was set."""
+    import dataclasses
+
+    from lowrank_engine import config
+
+    quality = _quality()
+    spec = job.JobSpec(**{f.name: _other_value(f, config.field_type(job.JobSpec, f.name))
+                          for f in dataclasses.fields(job.JobSpec)})
+    quality.write_spec(spec, str(tmp_path / "spec.json"))
+    back = quality.read_spec(str(tmp_path / "spec.json"))
+    assert back == spec
+    for f in dataclasses.fields(job.JobSpec):
+        assert getattr(back, f.name) != config.field_default(f), f.name
+
+
+def test_table_says_which_rows_timed_the_error_report(tmp_path):
+    import argparse
+
+    quality = _quality()
+    args = argparse.Namespace(out_dir=str(tmp_path), protocol="p", model="m", nsamples=4, seqlen=8, seed=0,
+                              wikitext_windows=2, c4_windows=2, eval_seqlen=8, blocks=None, refine_passes=3,
+                              plot_methods="svd-llm", plot_ratio=0.4, peer_runs=None)
+    row = {"ratio": 0.4, "wikitext2_ppl": 10.0, "c4_ppl": 20.0, "compress_seconds": 60.0, "protocol": "p",
+           "device": "cpu"}
+    records = [{**row, "method": "dense", "ratio": 0.0},
+               {**row, "method": "svd-llm", "track_error": True, "stage_seconds": {"error_tracking": 9.0}},
+               {**row, "method": "svd", "track_error": False, "stage_seconds": {"solve": 1.0}},
+               {**row, "method": "asvd", "error_tracking_seconds": 12.0},  # older code timed it apart
+               {**row, "method": "aa-svd", "error_tracking_seconds": 0.0},  # two streams: nothing to time apart
+               {**row, "method": "fwsvd"}]  # older still: counted in compress_seconds
+    quality.write_outputs(args, records)
+    import json
+
+    flat = {r["method"]: r for r in json.loads((tmp_path / "quality.json").read_text())}
+    assert [flat[m]["error_report"] for m in ("dense", "svd-llm", "svd", "asvd", "aa-svd", "fwsvd")] == \
+        [None, "on", "off", "excluded", "on", "on"]
+    assert flat["svd-llm"]["error_tracking_seconds"] == 9.0 and flat["asvd"]["error_tracking_seconds"] == 12.0
+    assert flat["svd-llm"]["stage_seconds"] == {"error_tracking": 9.0}
+    text = (tmp_path / "quality.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert "| error_report |" in header and "| excluded |" in text and "error report on" in text
+
+
+def test_a_row_runs_through_the_jobs_code(tiny_checkpoint, tmp_path):
+    """A row's child compresses with job.run_job (the CLI's code): in memory and evaluated, or (the memory
+    protocol) streamed to a checkpoint in its own process, its job read from JSON."""
+    import dataclasses
+
+    from lowrank_engine import checkpoint
+
+    quality = _quality()
+    args = _protocol_args(model=str(tiny_checkpoint / "model"), nsamples=4, seqlen=32, batch_size=2)
+    calibration = {"calibration": str(tiny_checkpoint / "calib.txt"), "eval_sets": ()}  # no data set needed
+    spec = dataclasses.replace(quality.row_spec(args, "svd-llm", 0.3), **calibration)
+    record = quality.run_one("svd-llm", spec, "p")
+    assert record["method"] == "svd-llm" and record["protocol"] == "p" and record["track_error"] is True
+    assert "error_tracking" in record["stage_seconds"] and record["compress_seconds"] >= 0
+    assert len(record["layer_errors"]) == 2 and all(e > 0 for e, _ in record["layer_errors"])
+    assert record["calibration"] == f"{tiny_checkpoint / 'calib.txt'} 4x32 seed 0"
+    assert "model" not in record and "output" not in record and record["refine_passes"] is None
+    out = tmp_path / "ckpt"
+    streamed = dataclasses.replace(quality.row_spec(args, "svd-llm", 0.3, output=str(out)), **calibration)
+    record = quality.run_child("svd-llm", streamed, "memory")
+    assert record["protocol"] == "memory" and record["peak_rss_mb"] > 0 and "wikitext2_ppl" not in record
+    assert checkpoint.load(str(out))[1]["method"] == "svd-llm"
