@@ -264,7 +264,8 @@ def compress(spec: JobSpec) -> Compressed:
     if spec.calibration == "self":  # sampling needs the whole dense model once, before compression starts
         dense, _ = models.load_model(path, trust_remote_code=spec.trust_remote_code)
         models.check_finite_parameters(dense)  # else sampling fails far from the cause
-        calib = data.load_calibration("self", tokenizer, spec.nsamples, spec.seqlen, spec.seed, model=dense.to(spec.device))
+        calib = data.load_calibration("self", tokenizer, spec.nsamples, spec.seqlen, spec.seed, model=dense.to(spec.device),
+                                      progress=spec.progress)
         del dense
     else:
         calib = data.load_calibration(spec.calibration, tokenizer, spec.nsamples, spec.seqlen, spec.seed)
