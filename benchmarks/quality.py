@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from lowrank_engine import job  # first: it sets the OpenMP wait before torch
+from lowrank_engine import config, job  # first: it sets the OpenMP wait before torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL = "smollm2-cpu-v1"
@@ -67,9 +67,12 @@ def truncated_checkpoint(spec: str, blocks: int, directory: str) -> str:
     return directory
 
 
-def row_fields(label: str) -> dict:
-    """The JobSpec fields a row label names: 'saes:fixed' → saes with the fixed β search; '+refine' and
-    '+waterfill' add refinement and water-filled ranks; a preset name ('best') stays the method."""
+def row_fields(label: str) -> tuple[dict, dict]:
+    """The JobSpec fields a row label names, and its overrides: 'saes:fixed' → saes with the fixed β search;
+    '+refine' and '+waterfill' add refinement and water-filled ranks; a preset name ('best') stays the
+    method; '@field=value' (repeatable) overrides any JobSpec field after the preset is expanded, for
+    ablations: 'best@method=svd-llm' is the best preset started from svd-llm."""
+    label, *overrides = label.split("@")
     base, *modifiers = label.split("+")
     for modifier in modifiers:
         if modifier not in MODIFIERS:
@@ -82,15 +85,27 @@ def row_fields(label: str) -> dict:
         fields["refine"] = True
     if "waterfill" in modifiers:
         fields["rank_alloc"] = "waterfill"
-    return fields
+    known, values = {f.name for f in dataclasses.fields(job.JobSpec)}, {}
+    for override in overrides:
+        name, sep, text = override.partition("=")
+        if not sep or name not in known:
+            raise ValueError(f"cannot read @{override} in a row label: write @field=value with a JobSpec field")
+        kind = config.field_type(job.JobSpec, name)
+        values[name] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+    return fields, values
+
+
+def label_spec(spec: job.JobSpec, fields: dict, overrides: dict) -> job.JobSpec:
+    """`spec` with its label's preset expanded (filling what the label does not set), then its overrides."""
+    return dataclasses.replace(job.expand_preset(spec, explicit=set(fields) | set(overrides)), **overrides)
 
 
 def parse_method(label: str) -> tuple[str, str, bool, str, dict]:
     """(method, β search, refine, rank allocation, a preset's refinement settings) of a row label, its preset
     expanded by job.expand_preset: 'saes:fixed' → ('saes', 'fixed', False, 'uniform', {});
     'aa-svd+refine+waterfill' → ('aa-svd', 'exact', True, 'waterfill', {})."""
-    fields = row_fields(label)
-    spec = job.expand_preset(job.JobSpec(**fields), explicit=set(fields))
+    fields, overrides = row_fields(label)
+    spec = label_spec(job.JobSpec(**fields), fields, overrides)
     options = job.PRESETS[spec.preset].get("refine_options", {}) if spec.preset else {}
     return spec.method, spec.beta_search, spec.refine, spec.rank_alloc, {k: getattr(spec, k) for k in options}
 
@@ -101,7 +116,9 @@ def row_spec(args, label: str, ratio: float, output: str | None = None) -> job.J
     new setting reaches the benchmark without touching it. With `output` (the memory protocol) the blocks
     stream to disk there and nothing is evaluated. The per-block error report stays on (the layer-error plot
     needs it), so compress_seconds include it."""
-    fields = {} if label == "dense" else {"ratio": ratio, **row_fields(label)}
+    fields, overrides = ({}, {}) if label == "dense" else row_fields(label)
+    if label != "dense":
+        fields["ratio"] = ratio
     if fields.get("refine"):
         fields["refine_passes"] = args.refine_passes
     spec = job.JobSpec(model=args.model, calibration="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -111,7 +128,7 @@ def row_spec(args, label: str, ratio: float, output: str | None = None) -> job.J
                        progress=not args.quiet, track_error=True, **fields)
     if output is not None:
         spec = dataclasses.replace(spec, save=True, output=output, eval_sets=())
-    return job.expand_preset(spec, explicit=set(fields))
+    return label_spec(spec, fields, overrides)
 
 
 def write_spec(spec: job.JobSpec, path: str) -> None:
@@ -183,7 +200,9 @@ def run_configs(args, configs: list) -> list:
     records = []
     for method, ratio in configs:
         spec = row_spec(args, method, ratio)
-        label = method.replace(":", "-") + (f"{spec.refine_passes}" if spec.refine else "")
+        base, *overrides = method.split("@")
+        label = base.replace(":", "-") + (f"{spec.refine_passes}" if spec.refine else "") + \
+            "".join("@" + o for o in overrides)
         cache = os.path.join(args.runs_dir, f"{args.protocol}_{label}_{ratio}.json")
         if os.path.exists(cache):
             with open(cache) as f:

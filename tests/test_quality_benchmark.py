@@ -212,3 +212,16 @@ def test_a_row_runs_through_the_jobs_code(tiny_checkpoint, tmp_path):
     record = quality.run_child("svd-llm", streamed, "memory")
     assert record["protocol"] == "memory" and record["peak_rss_mb"] > 0 and "wikitext2_ppl" not in record
     assert checkpoint.load(str(out))[1]["method"] == "svd-llm"
+
+
+def test_row_label_overrides_apply_after_the_preset():
+    """'best@method=svd-llm' is the best preset (its refinement schedule) started from svd-llm; an override
+    names a JobSpec field and is read with that field's type; a bad one is refused in one line."""
+    quality = _quality()
+    fields, overrides = quality.row_fields("best@method=svd-llm@refine_lr=0.003@refine=false")
+    assert fields == {"method": "best"} and overrides == {"method": "svd-llm", "refine_lr": 0.003, "refine": False}
+    method, _, refine, _, options = quality.parse_method("best@method=svd-llm")
+    assert method == "svd-llm" and refine and options["refine_micro_batch"] == 1 and options["refine_lr"] == 1e-3
+    assert quality.parse_method("best@refine_lr=0.003")[4]["refine_lr"] == 0.003
+    with pytest.raises(ValueError, match="@field=value"):
+        quality.row_fields("best@no_such_field=1")
