@@ -118,7 +118,7 @@ def test_micro_batches_take_one_step_per_slice_and_lower_the_error():
                                 progress=False)
 
 
-def test_slice_batch_cuts_per_window_tensors_and_shares_broadcast_ones():
+def test_slice_kwargs_cuts_per_window_tensors_and_shares_broadcast_ones():
     mask, pos = torch.randn(3, 1, 3, 3), torch.arange(9).view(3, 3)
     cos = torch.randn(1, 3, 4)
     kw = probe.slice_kwargs({"attention_mask": mask, "position_ids": pos, "position_embeddings": (cos, cos + 1),
@@ -173,3 +173,14 @@ def test_weight_decay_shrinks_the_factors_and_never_the_norms(monkeypatch):
             assert torch.equal(p, norms_before[n]), n
     for n, p in block.mlp.up_proj.named_parameters():
         torch.testing.assert_close(p.detach(), factors_before[n] * (1 - 0.1 * 0.5))
+
+
+def test_slice_kwargs_cuts_windows_and_tokens_for_the_probe():
+    """The probe's cut (one window, the first tokens) and the refinement's (some windows) are one function."""
+    mask, pos = torch.randn(3, 1, 9, 9), torch.arange(27).view(3, 9)
+    cos = torch.randn(3, 9, 4)
+    kw = probe.slice_kwargs({"attention_mask": mask, "position_ids": pos, "position_embeddings": (cos, cos + 1),
+                             "cache_position": torch.arange(9)}, 3, slice(0, 1), tokens=4)
+    assert torch.equal(kw["attention_mask"], mask[:1, :, :4, :4]) and torch.equal(kw["position_ids"], pos[:1, :4])
+    assert torch.equal(kw["position_embeddings"][1], (cos + 1)[:1, :4])
+    assert torch.equal(kw["cache_position"], torch.arange(4))
