@@ -44,6 +44,16 @@ DEFAULT_METHODS = "svd,asvd,fwsvd,svd-llm,shift-aware,aa-svd,aa-svd+refine,erc-s
 
 
 MODIFIERS = ("refine", "waterfill")
+# The ingredients of `best`, each on and off at ABLATION_RATIO: (row label, anchored objective, refinement).
+ABLATION_RATIO = 0.4
+ABLATION = (
+    ("svd-llm", "off", "off"),
+    ("aa-svd", "on", "off"),
+    ("aa-svd+refine", "on", "published: one step per 8-window batch, lr 1e-4"),
+    ("best@method=svd-llm", "off", "per-window steps, lr 1e-3"),
+    ("best", "on", "per-window steps, lr 1e-3"),
+    ("best@refine_lr=0.003", "on", "per-window steps, lr 3e-3"),
+)
 QUICK_BLOCKS = 8  # --quick keeps SmolLM2's first 8 blocks: the per-linear solves, not the tokens, set its time
 
 
@@ -283,6 +293,16 @@ def error_report(record: dict) -> str | None:
     return "excluded" if record.get("error_tracking_seconds") else "on"
 
 
+def ablation_rows(flat: list) -> list:
+    """The ablation table's rows that were measured (3 refinement passes where refined)."""
+    rows = []
+    for name, anchored, refinement in ABLATION:
+        for r in flat:
+            if r["method"] == name and abs(r["ratio"] - ABLATION_RATIO) < 1e-9 and r.get("refine_passes") in (None, 3):
+                rows.append({**r, "anchored": anchored, "refinement": refinement})
+    return rows
+
+
 def write_outputs(args, records: list) -> None:
     from lowrank_engine.report import format_table, plot_layer_errors, write_json
 
@@ -293,6 +313,7 @@ def write_outputs(args, records: list) -> None:
                                            "error_tracking_seconds", "peak_rss_mb", "protocol", "device", "calibration", "beta_mean",
                                            "refine_passes", "stage_seconds")})
         flat[-1]["error_report"] = error_report(r)
+        flat[-1]["code"] = "current" if "track_error" in r else "older"  # job.run_job records say track_error
         if "track_error" in r:  # the error report's share of compress_seconds (single-stream methods)
             flat[-1]["error_tracking_seconds"] = (r.get("stage_seconds") or {}).get("error_tracking")
         like_for_like = r.get("protocol") == PROTOCOL and r.get("refine_passes") in (None, 3)  # the peer refined 3 passes
@@ -301,6 +322,8 @@ def write_outputs(args, records: list) -> None:
             flat[-1]["peer_wikitext2_ppl"], flat[-1]["peer_c4_ppl"] = peer
             flat[-1]["peer_compress_seconds"] = PEER_SECONDS.get(r["method"], {}).get(r["ratio"])
     write_json(flat, os.path.join(args.out_dir, "quality.json"))
+    ablation = ablation_rows(flat)
+    flat = [r for r in flat if "@" not in r["method"]]  # ablation variants have their own table
     columns = ("method", "ratio", "refine_passes", "wikitext2_ppl", "c4_ppl", "peer_wikitext2_ppl", "peer_c4_ppl",
                "compress_seconds", "error_report", "peer_compress_seconds", "peak_rss_mb")
     devices = list(dict.fromkeys(r["device"] for r in flat if r.get("device"))) or ["?"]
@@ -335,6 +358,15 @@ def write_outputs(args, records: list) -> None:
         md[2:2] = [f"**A model cut to its first {args.blocks} blocks**: a smoke test that every row runs. The final "
                    "norm and head never see such shallow features, so these perplexities measure nothing and "
                    "compare with nothing (not even the dense reference).", ""]
+    if ablation:
+        md += [f"## Ablation of `best` at ratio {ABLATION_RATIO}", "",
+               "Each ingredient of `best` on and off: the anchored objective (aa-svd's ‖WX − W'X'‖ against svd-llm's "
+               "‖WX − W'X‖) and block refinement (3 passes; the published schedule against `best`'s). code: current "
+               "= measured on the code of this table's latest rows; older = an earlier engine version, kept because "
+               "it was not re-run.", "",
+               format_table(ablation, ("method", "anchored", "refinement", "wikitext2_ppl", "c4_ppl",
+                                       "compress_seconds", "error_report", "code"), markdown=True), ""]
+
     def label(r):  # rows refined for other than --refine-passes passes say how many
         passes = r.get("refine_passes")
         return r["method"] if passes in (None, args.refine_passes) else f"{r['method']} ({passes} passes)"

@@ -225,3 +225,23 @@ def test_row_label_overrides_apply_after_the_preset():
     assert quality.parse_method("best@refine_lr=0.003")[4]["refine_lr"] == 0.003
     with pytest.raises(ValueError, match="@field=value"):
         quality.row_fields("best@no_such_field=1")
+
+
+def test_ablation_rows_have_their_own_table(tmp_path):
+    """Rows named in ABLATION at its ratio go to the ablation table, '@' variants only there; each says
+    whether the current code measured it."""
+    quality = _quality()
+    rec = lambda m, ppl, **kw: {"method": m, "ratio": 0.4, "wikitext2_ppl": ppl, "c4_ppl": ppl / 2,  # noqa: E731
+                                "compress_seconds": 1.0, "protocol": quality.PROTOCOL, "device": "cpu", **kw}
+    records = [rec("aa-svd", 576.0), rec("best", 205.0, refine_passes=3, track_error=True),
+               rec("best@method=svd-llm", 300.0, refine_passes=3, track_error=True)]
+    args = quality.main.__globals__["argparse"].Namespace(
+        out_dir=str(tmp_path), protocol=quality.PROTOCOL, model="m", nsamples=64, seqlen=512, seed=0,
+        wikitext_windows=128, c4_windows=64, eval_seqlen=512, blocks=None, refine_passes=3, plot_methods="best",
+        plot_ratio=0.4)
+    quality.write_outputs(args, records)
+    md = (tmp_path / "quality.md").read_text()
+    main, ablation = md.split("## Ablation")
+    assert "best@method=svd-llm" not in main and "best@method=svd-llm" in ablation
+    rows = {line.split("|")[1].strip(): line for line in ablation.splitlines() if line.startswith("| ")}
+    assert "older" in rows["aa-svd"] and "current" in rows["best"] and "per-window" in rows["best"]
