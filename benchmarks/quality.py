@@ -365,7 +365,8 @@ def write_outputs(args, records: list) -> None:
                "= measured on the code of this table's latest rows; older = an earlier engine version, kept because "
                "it was not re-run.", "",
                format_table(ablation, ("method", "anchored", "refinement", "wikitext2_ppl", "c4_ppl",
-                                       "compress_seconds", "error_report", "code"), markdown=True), ""]
+                                       "compress_seconds", "error_report", "code")
+                            + (("device",) if len({r.get("device") for r in ablation}) > 1 else ()), markdown=True), ""]
 
     def label(r):  # rows refined for other than --refine-passes passes say how many
         passes = r.get("refine_passes")
@@ -452,7 +453,7 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None, help="default benchmarks/results (benchmarks/results/quick with --quick)")
     p.add_argument("--runs-dir", default=None, help="cache of finished configurations (resumable)")
     p.add_argument("--plot-ratio", type=float, default=0.4)
-    p.add_argument("--plot-methods", default="svd,svd-llm,shift-aware,aa-svd,erc-svd,saes,aa-svd+refine,best",
+    p.add_argument("--plot-methods", default="svd-llm,aa-svd,saes,best",
                    help="the per-block error plot's curves (rows at --plot-ratio)")
     p.add_argument("--quick", action="store_true",
                    help=f"the first {QUICK_BLOCKS} blocks, tiny calibration and evaluation: a smoke test")
