@@ -65,7 +65,7 @@ def _method_choices() -> list:
 class CompressionConfig:
     cli_title = "compression settings"  # the CLI's heading of these flags (not a field)
 
-    method: str = setting("saes", "compression objective, or a preset of the engine's stages (best: aa-svd + block "
+    method: str = setting("saes", "compression objective, or a preset of the engine's stages (best: svd-llm + block "
                                   "refinement; see job.PRESETS)", choices=_method_choices)
     ratio: Optional[float] = setting(0.2, "fraction of the compressible-linear parameters REMOVED, in (0, 1)")
     rank_map: Optional[dict] = setting(

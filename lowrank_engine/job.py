@@ -83,8 +83,11 @@ class JobSpec(config.CompressionConfig):
 
 # A preset composes the engine's stages (objective, rank allocation, refinement); it is not a
 # method of its own. Its keys are JobSpec fields ("refine_options": the refine_* ones); it fills in
-# those the user did not set. "best": the anchored objective (AA-SVD stage 1) stops error from compounding
-# through depth, and block refinement recovers what the per-matrix closed forms cannot. Refinement
+# those the user did not set. "best": SVD-LLM's closed form, then block refinement on the dense block's
+# output, which recovers what the per-matrix closed forms cannot. Refinement's target is the dense output
+# Block(X), so the error that single-stream factors let compound is fitted away block by block; starting
+# it from svd-llm rather than the anchored aa-svd was measured better at ratio 0.4 (163.20 / 106.00
+# against 198.75 / 123.70 WikiText-2 / C4, benchmarks/results/quality.md's ablation). Refinement
 # takes one AdamW step per calibration window at a 1e-3 peak: the published one step per batch at 1e-4
 # barely moves the factors in a few passes. On the first 5 SmolLM2 blocks at ratio 0.4 (64×512 C4,
 # 3 passes) the last block's relative output error was 0.0805 (published settings), 0.0734 (per-window
@@ -93,7 +96,7 @@ class JobSpec(config.CompressionConfig):
 # published 25 passes of 8-window batches (200 steps), at an eighth of the compute. Water-filled ranks were measured worse at ratio 0.4 (551.5 / 269.6
 # against 447.1 / 222.2 uniform), so ranks stay uniform (benchmarks/results/quality.md).
 PRESETS = {
-    "best": {"method": "aa-svd", "rank_alloc": "uniform", "refine": True,
+    "best": {"method": "svd-llm", "rank_alloc": "uniform", "refine": True,
              "refine_options": {"refine_passes": 3, "refine_micro_batch": 1, "refine_lr": 1e-3}},
 }
 

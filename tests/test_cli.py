@@ -309,7 +309,7 @@ def test_fwsvd_through_the_cli(tiny_checkpoint, tmp_path):
     assert cfg["method"] == "fwsvd" and len(cfg["ranks"]) == 14
 
 
-def test_best_preset_composes_anchoring_and_refinement(tiny_checkpoint, tmp_path):
+def test_best_preset_composes_svd_llm_and_refinement(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "best", "--ratio", 0.3, "--fidelity-samples", 0,
                                    "--refine-passes", 2, "--json", tmp_path / "r.json")) == 0
@@ -317,14 +317,14 @@ def test_best_preset_composes_anchoring_and_refinement(tiny_checkpoint, tmp_path
     assert record["method"] == "best" and record["stage_seconds"]["refine"] > 0
     assert record["compressible_reduction"] == pytest.approx(0.3, abs=0.03)
     _, cfg = checkpoint.load(str(out))
-    assert cfg["method"] == "aa-svd"  # anchored, then refined
+    assert cfg["method"] == "svd-llm"  # svd-llm's closed form, then refined
 
 
 def test_a_preset_fills_refinement_settings_the_job_leaves_unset():
     from lowrank_engine import job
 
     spec = job.expand_preset(job.JobSpec(model="m", method="best", refine_lr=5e-4, refine_passes=7))
-    assert spec.method == "aa-svd" and spec.preset == "best"
+    assert spec.method == "svd-llm" and spec.preset == "best"
     assert (spec.refine, spec.refine_micro_batch, spec.refine_lr, spec.refine_passes) == (True, 1, 5e-4, 7)
     plain = job.expand_preset(job.JobSpec(model="m", method="aa-svd"))
     assert plain == job.JobSpec(model="m", method="aa-svd") and not plain.refine and plain.preset is None

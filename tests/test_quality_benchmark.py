@@ -127,7 +127,7 @@ def test_a_rows_job_is_a_jobspec_of_the_protocol(tmp_path):
         **PROTOCOL_SPEC, method="aa-svd", ratio=0.2, refine=True, refine_passes=3, rank_alloc="waterfill")
     best = quality.row_spec(_protocol_args(refine_passes=25), "best", 0.4)  # --refine-passes is for +refine rows
     assert best == job.expand_preset(job.JobSpec(**PROTOCOL_SPEC, method="best", ratio=0.4))
-    assert (best.method, best.preset, best.refine, best.refine_passes) == ("aa-svd", "best", True, 3)
+    assert (best.method, best.preset, best.refine, best.refine_passes) == ("svd-llm", "best", True, 3)
     memory = quality.row_spec(args, "svd-llm", 0.4, output=str(tmp_path / "ckpt"))
     assert memory == job.JobSpec(**{**PROTOCOL_SPEC, "save": True, "eval_sets": ()}, output=str(tmp_path / "ckpt"),
                                  method="svd-llm", ratio=0.4)
@@ -234,7 +234,7 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     rec = lambda m, ppl, **kw: {"method": m, "ratio": 0.4, "wikitext2_ppl": ppl, "c4_ppl": ppl / 2,  # noqa: E731
                                 "compress_seconds": 1.0, "protocol": quality.PROTOCOL, "device": "cpu", **kw}
     records = [rec("aa-svd", 576.0), rec("best", 205.0, refine_passes=3, track_error=True),
-               rec("best@method=svd-llm", 300.0, refine_passes=3, track_error=True)]
+               rec("best@method=aa-svd", 300.0, refine_passes=3, track_error=True)]
     args = quality.main.__globals__["argparse"].Namespace(
         out_dir=str(tmp_path), protocol=quality.PROTOCOL, model="m", nsamples=64, seqlen=512, seed=0,
         wikitext_windows=128, c4_windows=64, eval_seqlen=512, blocks=None, refine_passes=3, plot_methods="best",
@@ -242,6 +242,6 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     quality.write_outputs(args, records)
     md = (tmp_path / "quality.md").read_text()
     main, ablation = md.split("## Ablation")
-    assert "best@method=svd-llm" not in main and "best@method=svd-llm" in ablation
+    assert "| best@method=aa-svd |" not in main and "| best@method=aa-svd |" in ablation
     rows = {line.split("|")[1].strip(): line for line in ablation.splitlines() if line.startswith("| ")}
     assert "older" in rows["aa-svd"] and "current" in rows["best"] and "per-window" in rows["best"]
