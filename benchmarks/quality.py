@@ -110,16 +110,6 @@ def label_spec(spec: job.JobSpec, fields: dict, overrides: dict) -> job.JobSpec:
     return dataclasses.replace(job.expand_preset(spec, explicit=set(fields) | set(overrides)), **overrides)
 
 
-def parse_method(label: str) -> tuple[str, str, bool, str, dict]:
-    """(method, β search, refine, rank allocation, a preset's refinement settings) of a row label, its preset
-    expanded by job.expand_preset: 'saes:fixed' → ('saes', 'fixed', False, 'uniform', {});
-    'aa-svd+refine+waterfill' → ('aa-svd', 'exact', True, 'waterfill', {})."""
-    fields, overrides = row_fields(label)
-    spec = label_spec(job.JobSpec(**fields), fields, overrides)
-    options = job.PRESETS[spec.preset].get("refine_options", {}) if spec.preset else {}
-    return spec.method, spec.beta_search, spec.refine, spec.rank_alloc, {k: getattr(spec, k) for k in options}
-
-
 def row_spec(args, label: str, ratio: float, output: str | None = None) -> job.JobSpec:
     """The one definition of a row's job: the protocol's calibration and evaluation, the label's method (its
     preset expanded), the model kept in memory and evaluated. Every other setting is the JobSpec default, so a
@@ -139,6 +129,19 @@ def row_spec(args, label: str, ratio: float, output: str | None = None) -> job.J
     if output is not None:
         spec = dataclasses.replace(spec, save=True, output=output, eval_sets=())
     return label_spec(spec, fields, overrides)
+
+
+def kept_checkpoint(directory: str, label: str, ratio: float) -> str:
+    return os.path.join(directory, f"{label}_{ratio}")
+
+
+def row_job(args, label: str, ratio: float) -> job.JobSpec:
+    """The row's job as the table runs it: row_spec, saving its checkpoint under --keep-checkpoints (then the
+    job evaluates the saved checkpoint, as `lowrank-engine compress --output` does)."""
+    spec = row_spec(args, label, ratio)
+    if args.keep_checkpoints and label != "dense":
+        spec = dataclasses.replace(spec, save=True, output=kept_checkpoint(args.keep_checkpoints, label, ratio))
+    return spec
 
 
 def write_spec(spec: job.JobSpec, path: str) -> None:
@@ -171,7 +174,8 @@ def run_one(label: str, spec: job.JobSpec, protocol: str) -> dict:
 
     record = {"method": label, "ratio": 0.0 if label == "dense" else spec.ratio, "protocol": protocol,
               "device": device_name(), "calibration": f"{spec.calibration} {spec.nsamples}x{spec.seqlen} seed {spec.seed}",
-              "threads": torch.get_num_threads(), "refine_passes": spec.refine_passes if spec.refine else None}
+              "threads": torch.get_num_threads(), "refine_passes": spec.refine_passes if spec.refine else None,
+              "saved": spec.save}
     if spec.preset:
         record["refine_settings"] = {k: getattr(spec, k) for k in job.PRESETS[spec.preset].get("refine_options", {})}
     if label == "dense":
@@ -209,7 +213,7 @@ def run_configs(args, configs: list) -> list:
     os.makedirs(args.runs_dir, exist_ok=True)
     records = []
     for method, ratio in configs:
-        spec = row_spec(args, method, ratio)
+        spec = row_job(args, method, ratio)
         base, *overrides = method.split("@")
         label = base.replace(":", "-") + (f"{spec.refine_passes}" if spec.refine else "") + \
             "".join("@" + o for o in overrides)
@@ -438,7 +442,8 @@ def run_memory(args) -> None:
                                          "compress_seconds"), markdown=True) + "\n")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options; their defaults are the protocol's (zeroshot.py reads them from here)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; 'saes:fixed' = fixed-subspace ACES")
     p.add_argument("--ratios", default="0.2,0.4,0.6")
@@ -470,7 +475,15 @@ def main(argv=None):
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: this row label's job ...
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)  # ... as JSON (row_spec, write_spec)
     p.add_argument("--record", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    p.add_argument("--keep-checkpoints", default=None, metavar="DIR",
+                   help="save each row's checkpoint as DIR/<label>_<ratio>: the job streams its blocks there and "
+                        "evaluates the saved checkpoint, as `lowrank-engine compress --output` does "
+                        "(zeroshot.py scores the checkpoints in its work directory's checkpoints/)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.one:
         record = run_one(args.one, read_spec(args.spec), args.protocol)
         with open(args.record, "w") as f:

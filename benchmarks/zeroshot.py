@@ -1,11 +1,13 @@
 """Zero-shot accuracy of dense SmolLM2 and compressed checkpoints, scored by lm-eval (issue 21).
 
 Compression follows the DESIGN §4 protocol of quality.py ("smollm2-cpu-v1": SmolLM2-135M-Instruct fp32,
-C4 64×512 calibration windows, seed 0), uniform ranks, each configuration in its own process; the factors
-go through `checkpoint.save` and are scored from the checkpoint by `lowrank_engine.zeroshot` (lm-eval's HF
-wrapper on the stock task definitions, data from $LOWRANK_ENGINE_DATA/zeroshot). Checkpoints and scores
-are cached in --work-dir, so an interrupted run resumes; `--phase compress` and `--phase score` can run
-side by side (scoring waits for each checkpoint).
+C4 64×512 calibration windows, seed 0), each configuration in its own process through the quality
+benchmark's row job (quality.row_spec, run by job.run_job) and saved as a checkpoint, which
+`lowrank_engine.zeroshot` scores (lm-eval's HF wrapper on the stock task definitions, data from
+$LOWRANK_ENGINE_DATA/zeroshot). Checkpoints and scores are cached in --work-dir, so an interrupted run
+resumes; `--phase compress` and `--phase score` can run side by side (scoring waits for each checkpoint).
+`quality.py --keep-checkpoints <work-dir>/checkpoints` leaves the checkpoints of its rows there, so one
+compression gives both a perplexity row and a zero-shot row.
 
     python benchmarks/zeroshot.py --limit 100          # the first 100 documents of each task
     python benchmarks/zeroshot.py                      # every document (hours on a small CPU)
@@ -15,6 +17,7 @@ Writes zeroshot.md and zeroshot.json to --out-dir: one record per model and task
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # quality.py holds the protocol's definitions
 import quality  # noqa: E402
 
-PROTOCOL, parse_method = quality.PROTOCOL, quality.parse_method
+PROTOCOL = quality.PROTOCOL
 
 DEFAULT_METHODS = "dense,svd-llm,aa-svd,best"
 DEFAULT_RATIOS = "0.2,0.4"
@@ -39,37 +42,29 @@ def configs(args) -> list[tuple[str, float]]:
 
 
 def checkpoint_dir(args, method: str, ratio: float) -> str:
-    return os.path.join(args.work_dir, "checkpoints", f"{method}_{ratio}")
+    return quality.kept_checkpoint(os.path.join(args.work_dir, "checkpoints"), method, ratio)
+
+
+def compression_job(args):
+    """The quality benchmark's row job for --method at --ratio (quality.row_job), saved where this script
+    scores it; no perplexity and no error report (not needed here)."""
+    protocol = quality.build_parser().parse_args([
+        "--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
+        "--keep-checkpoints", os.path.join(args.work_dir, "checkpoints"), "--quiet"])
+    return dataclasses.replace(quality.row_job(protocol, args.method, args.ratio), eval_sets=(), track_error=False)
 
 
 def compress_one(args) -> None:
-    """Child process: compress one configuration on the protocol and save it (no error report: not needed)."""
-    from lowrank_engine import checkpoint, data, models, pipeline  # first: it sets the OpenMP wait before torch
-    from transformers import AutoTokenizer
+    """Child process: one configuration compressed and saved by job.run_job, as the quality table runs it."""
+    from lowrank_engine import job
 
-    method, search, refine, alloc, refine_options = parse_method(args.method)
-    if alloc != "uniform":
-        raise SystemExit(f"{args.method}: only uniform rank allocation is benchmarked here")
-    path = models.resolve_model_path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    calib = data.load_calibration("c4", tokenizer, args.nsamples, args.seqlen, args.seed)
-    source = pipeline.LazyBlockSource(path, keep_compressed=True)
-    cfg = pipeline.CompressionConfig(method=method, ratio=args.ratio, beta_search=search, refine=refine,
-                                     **refine_options, track_error=False, device="cpu")
-    start = time.perf_counter()
-    compressor = pipeline.Compressor(source, cfg, progress=False)
-    compressor.prepare(calib.input_ids, lambda: models.load_model(path)[0])
-    compressor.run(calib.input_ids)
-    seconds = time.perf_counter() - start
-    checkpoint.save(source.model, checkpoint_dir(args, args.method, args.ratio), method=args.method,
-                    ratio=args.ratio, calibration=calib.describe(), tokenizer=tokenizer,
-                    extra={"protocol": PROTOCOL, "compress_seconds": round(seconds, 1)})
+    job.run_job(compression_job(args))
 
 
 def run_compressions(args) -> None:
     for method, ratio in configs(args):
         out = checkpoint_dir(args, method, ratio)
-        if method == "dense" or os.path.exists(out):
+        if method == "dense" or os.path.exists(out):  # done here, or by quality.py --keep-checkpoints
             continue
         print(f"compressing {method} {ratio}", flush=True)
         subprocess.run([sys.executable, os.path.abspath(__file__), "--compress-one", "--method", method,

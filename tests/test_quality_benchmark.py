@@ -1,30 +1,44 @@
 """The quality benchmark's row names and its per-block error plot (the runs themselves live in benchmarks/)."""
+import dataclasses
 import importlib.util
 import os
 
 import pytest
 
-from lowrank_engine import job, report
+from lowrank_engine import checkpoint, job, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _quality():
-    spec = importlib.util.spec_from_file_location("quality", os.path.join(HERE, "..", "benchmarks", "quality.py"))
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_row_names_parse_into_method_search_refinement_and_allocation():
-    parse = _quality().parse_method
-    assert parse("saes:fixed") == ("saes", "fixed", False, "uniform", {})
-    assert parse("aa-svd+refine+waterfill") == ("aa-svd", "exact", True, "waterfill", {})
-    preset = job.PRESETS["best"]
-    assert parse("best") == (preset["method"], "exact", preset["refine"], preset["rank_alloc"],
-                             preset["refine_options"])
+def _quality():
+    return _load("quality")
+
+
+def _row(quality, label: str, ratio: float = 0.4) -> job.JobSpec:
+    """The job a row label runs on the protocol (the parser's defaults)."""
+    return quality.row_spec(quality.build_parser().parse_args([]), label, ratio)
+
+
+def test_row_names_give_method_search_refinement_and_allocation():
+    quality = _quality()
+    row = _row(quality, "saes:fixed")
+    assert (row.method, row.beta_search, row.refine, row.rank_alloc, row.ratio) == ("saes", "fixed", False, "uniform", 0.4)
+    row = _row(quality, "aa-svd+refine+waterfill")
+    assert (row.method, row.refine, row.rank_alloc, row.refine_passes) == ("aa-svd", True, "waterfill", 3)
+    preset, row = job.PRESETS["best"], _row(quality, "best")
+    assert (row.preset, row.method, row.refine, row.rank_alloc) == ("best", preset["method"], preset["refine"],
+                                                                    preset["rank_alloc"])
+    assert {k: getattr(row, k) for k in preset["refine_options"]} == preset["refine_options"]
+    assert (row.calibration, row.nsamples, row.seqlen, row.eval_sets) == ("c4", 64, 512, ("wikitext2", "c4"))
     with pytest.raises(ValueError, match="unknown modifier"):
-        parse("svd-llm+finetune")
+        _row(quality, "svd-llm+finetune")
 
 
 def test_layer_error_plot_is_a_png(tmp_path):
@@ -106,11 +120,11 @@ def test_side_by_side_table_pairs_only_peer_runs_of_the_same_machine(tmp_path):
 
 
 def _protocol_args(**overrides):
-    import argparse
-
-    values = dict(model="m", nsamples=64, seqlen=512, seed=0, wikitext_windows=128, c4_windows=64, eval_seqlen=512,
-                  batch_size=8, device="cpu", quiet=True, refine_passes=3)
-    return argparse.Namespace(**{**values, **overrides})
+    """The benchmark's own options (its parser's defaults are the protocol), quiet, with `overrides`."""
+    args = _quality().build_parser().parse_args(["--quiet", "--model", "m"])
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
 
 
 PROTOCOL_SPEC = dict(model="m", calibration="c4", nsamples=64, seqlen=512, seed=0, eval_sets=("wikitext2", "c4"),
@@ -148,8 +162,6 @@ def _other_value(f, kind):
 
 def test_every_jobspec_field_reaches_the_child_unchanged(tmp_path):
     """The child reads its job from JSON: any JobSpec field, a new one included, arrives as it was set."""
-    import dataclasses
-
     from lowrank_engine import config
 
     quality = _quality()
@@ -193,10 +205,6 @@ def test_table_says_which_rows_timed_the_error_report(tmp_path):
 def test_a_row_runs_through_the_jobs_code(tiny_checkpoint, tmp_path):
     """A row's child compresses with job.run_job (the CLI's code): in memory and evaluated, or (the memory
     protocol) streamed to a checkpoint in its own process, its job read from JSON."""
-    import dataclasses
-
-    from lowrank_engine import checkpoint
-
     quality = _quality()
     args = _protocol_args(model=str(tiny_checkpoint / "model"), nsamples=4, seqlen=32, batch_size=2)
     calibration = {"calibration": str(tiny_checkpoint / "calib.txt"), "eval_sets": ()}  # no data set needed
@@ -214,15 +222,38 @@ def test_a_row_runs_through_the_jobs_code(tiny_checkpoint, tmp_path):
     assert checkpoint.load(str(out))[1]["method"] == "svd-llm"
 
 
+def test_kept_checkpoints_save_the_rows_job_and_zeroshot_scores_that_job(tiny_checkpoint, tmp_path):
+    """--keep-checkpoints makes a row a saved job; zeroshot.py compresses a configuration with the same job,
+    into the directory it scores, without perplexity or error report."""
+    quality = _quality()
+    zeroshot = _load("zeroshot")
+    kept = quality.row_job(_protocol_args(keep_checkpoints=str(tmp_path / "kept")), "best", 0.2)
+    assert kept == dataclasses.replace(quality.row_spec(_protocol_args(), "best", 0.2), save=True,
+                                       output=str(tmp_path / "kept" / "best_0.2"))
+    assert quality.row_job(_protocol_args(keep_checkpoints="x"), "dense", 0.0) == quality.row_spec(
+        _protocol_args(), "dense", 0.0)
+    args = zeroshot.parse_args(["--work-dir", str(tmp_path / "zs"), "--method", "best", "--ratio", "0.2"])
+    spec = zeroshot.compression_job(args)
+    assert spec == dataclasses.replace(quality.row_spec(_protocol_args(model=args.model), "best", 0.2), save=True,
+                                       output=zeroshot.checkpoint_dir(args, "best", 0.2), eval_sets=(),
+                                       track_error=False)
+    assert spec.output == str(tmp_path / "zs" / "checkpoints" / "best_0.2")
+    tiny = dataclasses.replace(spec, method="svd-llm", preset=None, refine=False, model=str(tiny_checkpoint / "model"),
+                               calibration=str(tiny_checkpoint / "calib.txt"), nsamples=4, seqlen=32, batch_size=2)
+    record = job.run_job(tiny)
+    assert "wikitext2_ppl" not in record and record["track_error"] is False
+    assert checkpoint.load(spec.output)[1]["method"] == "svd-llm"
+
+
 def test_row_label_overrides_apply_after_the_preset():
     """'best@method=svd-llm' is the best preset (its refinement schedule) started from svd-llm; an override
     names a JobSpec field and is read with that field's type; a bad one is refused in one line."""
     quality = _quality()
     fields, overrides = quality.row_fields("best@method=svd-llm@refine_lr=0.003@refine=false")
     assert fields == {"method": "best"} and overrides == {"method": "svd-llm", "refine_lr": 0.003, "refine": False}
-    method, _, refine, _, options = quality.parse_method("best@method=svd-llm")
-    assert method == "svd-llm" and refine and options["refine_micro_batch"] == 1 and options["refine_lr"] == 1e-3
-    assert quality.parse_method("best@refine_lr=0.003")[4]["refine_lr"] == 0.003
+    row = _row(quality, "best@method=svd-llm")
+    assert row.method == "svd-llm" and row.refine and row.refine_micro_batch == 1 and row.refine_lr == 1e-3
+    assert _row(quality, "best@refine_lr=0.003").refine_lr == 0.003
     with pytest.raises(ValueError, match="@field=value"):
         quality.row_fields("best@no_such_field=1")
 
