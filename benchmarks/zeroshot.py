@@ -149,9 +149,33 @@ def write_table(args) -> None:
         head += (f"Why the limit: scoring one model took {seconds[0]:.0f}–{seconds[-1]:.0f} s at {args.limit} "
                  f"documents per task on this CPU ({records[0]['threads']} thread(s), shared with other jobs)"
                  f"{full_sizes(args.tasks)}.\n\n")
+    averages = average_accuracy(records, args.tasks.split(","))
+    summary = ("\n## Average over the tasks\n\nmean_acc: the mean of `acc` over "
+               f"{', '.join(args.tasks.split(','))}; of_dense: mean_acc / dense's mean_acc.\n\n")
+    columns = ("method", "ratio", "task", "acc", "acc_norm", "n")
     with open(os.path.join(args.out_dir, "zeroshot.md"), "w") as f:
-        f.write(head + format_table(records, ("method", "ratio", "task", "acc", "acc_norm", "n"), markdown=True) + "\n")
-    print(head + format_table(records, ("method", "ratio", "task", "acc", "acc_norm", "n")))
+        f.write(head + format_table(records, columns, markdown=True) + "\n")
+        if averages:
+            f.write(summary + format_table(averages, AVERAGE_COLUMNS, markdown=True) + "\n")
+    print(head + format_table(records, columns))
+    if averages:
+        print(summary + format_table(averages, AVERAGE_COLUMNS))
+
+
+AVERAGE_COLUMNS = ("method", "ratio", "mean_acc", "of_dense")
+
+
+def average_accuracy(records: list, tasks: list) -> list:
+    """One row per model scored on every task: its mean `acc`, and that mean over dense's (when scored)."""
+    by_model = {}
+    for r in records:
+        by_model.setdefault((r["method"], r["ratio"]), {})[r["task"]] = r["acc"]
+    rows = [{"method": m, "ratio": ratio, "mean_acc": sum(acc[t] for t in tasks) / len(tasks)}
+            for (m, ratio), acc in by_model.items() if all(t in acc for t in tasks)]
+    dense = next((r["mean_acc"] for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        r["of_dense"] = r["mean_acc"] / dense if dense else None
+    return rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -276,3 +276,14 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     assert "| best@method=aa-svd |" not in main and "| best@method=aa-svd |" in ablation
     rows = {line.split("|")[1].strip(): line for line in ablation.splitlines() if line.startswith("| ")}
     assert "older" in rows["aa-svd"] and "current" in rows["best"] and "per-window" in rows["best"]
+
+
+def test_zeroshot_average_is_over_every_task_and_relative_to_dense():
+    average = _load("zeroshot").average_accuracy
+    rec = lambda m, ratio, task, acc: {"method": m, "ratio": ratio, "task": task, "acc": acc}  # noqa: E731
+    records = [rec("dense", 0.0, "a", 0.5), rec("dense", 0.0, "b", 0.3), rec("best", 0.2, "a", 0.4),
+               rec("best", 0.2, "b", 0.2), rec("svd", 0.2, "a", 0.9)]  # svd lacks task b: no average
+    rows = {(r["method"], r["ratio"]): r for r in average(records, ["a", "b"])}
+    assert set(rows) == {("dense", 0.0), ("best", 0.2)}
+    assert rows["best", 0.2]["mean_acc"] == pytest.approx(0.3) and rows["best", 0.2]["of_dense"] == pytest.approx(0.75)
+    assert average(records[2:4], ["a", "b"])[0]["of_dense"] is None  # dense not scored
