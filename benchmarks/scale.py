@@ -47,11 +47,17 @@ EXTRAPOLATED_FROM_CPU = ("70b-l2", "70b-l4")  # CPU records that extrapolate() c
 # one configuration (child process)
 # --------------------------------------------------------------------------------------
 def run_one(args) -> dict:
+    spec = json.loads(args.one)
+    # factors and spilled streams go to disk, as `compress --offload disk`
+    with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as work_dir:
+        return measure(args, spec, work_dir)
+
+
+def measure(args, spec: dict, work_dir: str) -> dict:
     from lowrank_engine import memory, models, ops, pipeline, report  # first: sets the OpenMP wait before torch
 
     import torch
 
-    spec = json.loads(args.one)
     source = pipeline.LazyBlockSource(spec["path"], keep_compressed=False)
     if spec["calibration"] == "c4":
         from transformers import AutoTokenizer
@@ -66,7 +72,7 @@ def run_one(args) -> dict:
     cfg = pipeline.CompressionConfig(method=spec["method"], ratio=spec["ratio"], device=spec["device"],
                                      offload=spec["offload"], batch_size=spec["batch_size"],
                                      solve_dtype=spec["solve_dtype"], track_error=False)
-    compressor = pipeline.Compressor(source, cfg, work_dir=None, progress=not args.quiet)
+    compressor = pipeline.Compressor(source, cfg, work_dir=work_dir, progress=not args.quiet)
     plan = compressor.memory_plan(ids)
     record = {k: spec[k] for k in ("model", "method", "ratio", "offload", "solve_dtype")}
     record["compute_dtype"] = str(compressor.compute_dtype).replace("torch.", "")
@@ -89,9 +95,7 @@ def run_one(args) -> dict:
     if spec["device"].startswith("cuda") or spec["model"] in EXTRAPOLATED_FROM_CPU:  # seconds of a CPU's time
         record.update(device_rates(spec["device"]))
     pipeline.reset_peak_rss()
-    with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as work_dir:
-        compressor.work_dir = work_dir  # factors and spilled streams go to disk, as `compress --offload disk`
-        result = compressor.run(ids)
+    result = compressor.run(ids)
     per_block = {s: sum(b.seconds.get(s, 0.0) for b in result.blocks) / len(result.blocks) for s in STAGES}
     record.update(peak_rss_mb=round(result.peak_rss_mb, 1),
                   peak_gpu_mb=round(result.peak_gpu_mb, 1) if spec["device"].startswith("cuda") else None,

@@ -4,7 +4,8 @@ The record (tests/golden/factors.json) was written before the pipeline was split
 refactor must leave it passing unchanged. Floating-point results depend on the CPU's instruction set
 and the BLAS kernels it picks, so bits are compared on the machine class that wrote the record (same
 CPU model, torch version and extension state); elsewhere each factorized weight is compared through
-sign-invariant projections of U·Vᵀ at a tolerance.
+sign-invariant projections of U·Vᵀ at a tolerance where the solution is unique, and through
+the block errors (what the solver minimizes) where it is not.
 
 Re-record (only when a change is meant to move the factors, and say so in the commit):
     python tests/test_golden.py --write
@@ -102,12 +103,20 @@ def test_factors_match_the_golden_record(name, tmp_path):
         assert repr(got["block_errors"]) == repr(golden["block_errors"])  # NaN (untracked) equals itself here
         assert got["betas"] == golden["betas"]
         return
-    # another CPU: the same solutions up to rounding (refinement's steps amplify it most)
-    rel = 1e-2 if "refine" in name else 1e-5
-    for module_name, want in golden["projections"].items():
-        assert got["projections"][module_name] == pytest.approx(want, rel=rel, abs=1e-6 * max(abs(want[0]), 1.0)), \
-            module_name
-    assert got["block_errors"] == pytest.approx(golden["block_errors"], rel=max(rel, 1e-4), nan_ok=True)
+    # Another CPU. Objectives on X alone (and on X' alone) have one optimum: the same factors up to rounding.
+    # Those with the cross statistic C = X'Xᵀ are solved through X'-whitening that the 144 calibration tokens
+    # leave nearly singular, so other BLAS kernels reach equally good factors along other directions (an Intel
+    # Xeon against the AMD EPYC record: each weight's bilinear forms moved up to 3% of its norm, its norm up
+    # to 0.3%, the block errors 1e-4): for those, compare what the solver minimizes, the block errors.
+    from lowrank_engine import solvers
+
+    method = solvers.get_method(CONFIGS[name][1]["method"])
+    refined = "refine" in name  # refinement's steps amplify rounding most (block errors moved 1.1%)
+    if "C" not in method.needs and not refined:
+        for module_name, want in golden["projections"].items():
+            assert got["projections"][module_name] == pytest.approx(want, rel=1e-5, abs=1e-6 * max(abs(want[0]), 1.0)), \
+                module_name
+    assert got["block_errors"] == pytest.approx(golden["block_errors"], rel=5e-2 if refined else 1e-3, nan_ok=True)
 
 
 def write() -> None:
