@@ -222,29 +222,6 @@ def test_a_row_runs_through_the_jobs_code(tiny_checkpoint, tmp_path):
     assert checkpoint.load(str(out))[1]["method"] == "svd-llm"
 
 
-def test_kept_checkpoints_save_the_rows_job_and_zeroshot_scores_that_job(tiny_checkpoint, tmp_path):
-    """--keep-checkpoints makes a row a saved job; zeroshot.py compresses a configuration with the same job,
-    into the directory it scores, without perplexity or error report."""
-    quality = _quality()
-    zeroshot = _load("zeroshot")
-    kept = quality.row_job(_protocol_args(keep_checkpoints=str(tmp_path / "kept")), "best", 0.2)
-    assert kept == dataclasses.replace(quality.row_spec(_protocol_args(), "best", 0.2), save=True,
-                                       output=str(tmp_path / "kept" / "best_0.2"))
-    assert quality.row_job(_protocol_args(keep_checkpoints="x"), "dense", 0.0) == quality.row_spec(
-        _protocol_args(), "dense", 0.0)
-    args = zeroshot.parse_args(["--work-dir", str(tmp_path / "zs"), "--method", "best", "--ratio", "0.2"])
-    spec = zeroshot.compression_job(args)
-    assert spec == dataclasses.replace(quality.row_spec(_protocol_args(model=args.model), "best", 0.2), save=True,
-                                       output=zeroshot.checkpoint_dir(args, "best", 0.2), eval_sets=(),
-                                       track_error=False)
-    assert spec.output == str(tmp_path / "zs" / "checkpoints" / "best_0.2")
-    tiny = dataclasses.replace(spec, method="svd-llm", preset=None, refine=False, model=str(tiny_checkpoint / "model"),
-                               calibration=str(tiny_checkpoint / "calib.txt"), nsamples=4, seqlen=32, batch_size=2)
-    record = job.run_job(tiny)
-    assert "wikitext2_ppl" not in record and record["track_error"] is False
-    assert checkpoint.load(spec.output)[1]["method"] == "svd-llm"
-
-
 def test_row_label_overrides_apply_after_the_preset():
     """'best@method=svd-llm' is the best preset (its refinement schedule) started from svd-llm; an override
     names a JobSpec field and is read with that field's type; a bad one is refused in one line."""
@@ -277,13 +254,3 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in ablation.splitlines() if line.startswith("| ")}
     assert "older" in rows["aa-svd"] and "current" in rows["best"] and "per-window" in rows["best"]
 
-
-def test_zeroshot_average_is_over_every_task_and_relative_to_dense():
-    average = _load("zeroshot").average_accuracy
-    rec = lambda m, ratio, task, acc: {"method": m, "ratio": ratio, "task": task, "acc": acc}  # noqa: E731
-    records = [rec("dense", 0.0, "a", 0.5), rec("dense", 0.0, "b", 0.3), rec("best", 0.2, "a", 0.4),
-               rec("best", 0.2, "b", 0.2), rec("svd", 0.2, "a", 0.9)]  # svd lacks task b: no average
-    rows = {(r["method"], r["ratio"]): r for r in average(records, ["a", "b"])}
-    assert set(rows) == {("dense", 0.0), ("best", 0.2)}
-    assert rows["best", 0.2]["mean_acc"] == pytest.approx(0.3) and rows["best", 0.2]["of_dense"] == pytest.approx(0.75)
-    assert average(records[2:4], ["a", "b"])[0]["of_dense"] is None  # dense not scored
