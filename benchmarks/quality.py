@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from lowrank_engine import config, job  # first: it sets the OpenMP wait before torch
+from lowrank_engine import config, data, job  # first: it sets the OpenMP wait before torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL = "smollm2-cpu-v1"
@@ -52,8 +52,10 @@ ABLATION = (
     ("aa-svd+refine", "on", "published: one step per 8-window batch, lr 1e-4"),
     ("best@method=aa-svd", "on", "per-window steps, lr 1e-3"),
     ("best", "off", "per-window steps, lr 1e-3"),
-    ("best@refine_lr=0.003", "on", "per-window steps, lr 3e-3"),
+    ("best@refine_lr=0.003", "off", "per-window steps, lr 3e-3"),
 )
+# the starts of refinement that `best` chooses between at each ratio (its preset's method_by_ratio)
+START_CHOICE = ("best", "best@method=aa-svd")
 QUICK_BLOCKS = 8  # --quick keeps SmolLM2's first 8 blocks: the per-linear solves, not the tokens, set its time
 
 
@@ -122,13 +124,14 @@ def row_spec(args, label: str, ratio: float, output: str | None = None) -> job.J
     if fields.get("refine"):
         fields["refine_passes"] = args.refine_passes
     spec = job.JobSpec(model=args.model, calibration="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                       eval_sets=("wikitext2", "c4"), eval_seqlen=args.eval_seqlen,
-                       eval_windows={"wikitext2": args.wikitext_windows, "c4": args.c4_windows},
+                       eval_sets=("wikitext2", "c4", data.SELECTION_SET), eval_seqlen=args.eval_seqlen,
+                       eval_windows={"wikitext2": args.wikitext_windows, "c4": args.c4_windows,
+                                     data.SELECTION_SET: args.selection_windows},
                        batch_size=args.batch_size, device=args.device, save=False, fidelity_samples=0, plot=False,
                        progress=not args.quiet, track_error=True, **fields)
     if output is not None:
         spec = dataclasses.replace(spec, save=True, output=output, eval_sets=())
-    return label_spec(spec, fields, overrides)
+    return spec if label == "dense" else label_spec(spec, fields, overrides)  # dense: no preset to expand
 
 
 def kept_checkpoint(directory: str, label: str, ratio: float) -> str:
@@ -175,7 +178,7 @@ def run_one(label: str, spec: job.JobSpec, protocol: str) -> dict:
     record = {"method": label, "ratio": 0.0 if label == "dense" else spec.ratio, "protocol": protocol,
               "device": device_name(), "calibration": f"{spec.calibration} {spec.nsamples}x{spec.seqlen} seed {spec.seed}",
               "threads": torch.get_num_threads(), "refine_passes": spec.refine_passes if spec.refine else None,
-              "saved": spec.save}
+              "saved": spec.save, "start": spec.method}  # the closed form a preset starts from
     if spec.preset:
         record["refine_settings"] = {k: getattr(spec, k) for k in job.PRESETS[spec.preset].get("refine_options", {})}
     if label == "dense":
@@ -316,6 +319,9 @@ def write_outputs(args, records: list) -> None:
         flat.append({k: r.get(k) for k in ("method", "ratio", "wikitext2_ppl", "c4_ppl", "compress_seconds",
                                            "error_tracking_seconds", "peak_rss_mb", "protocol", "device", "calibration", "beta_mean",
                                            "refine_passes", "stage_seconds")})
+        flat[-1]["selection_ppl"] = r.get(f"{data.SELECTION_SET}_ppl")
+        if r["method"].split("@")[0] == "best":  # older records: the label's @method, else the svd-llm start
+            flat[-1]["start"] = r.get("start") or row_fields(r["method"])[1].get("method", "svd-llm")
         flat[-1]["error_report"] = error_report(r)
         flat[-1]["code"] = "current" if "track_error" in r else "older"  # job.run_job records say track_error
         if "track_error" in r:  # the error report's share of compress_seconds (single-stream methods)
@@ -326,7 +332,7 @@ def write_outputs(args, records: list) -> None:
             flat[-1]["peer_wikitext2_ppl"], flat[-1]["peer_c4_ppl"] = peer
             flat[-1]["peer_compress_seconds"] = PEER_SECONDS.get(r["method"], {}).get(r["ratio"])
     write_json(flat, os.path.join(args.out_dir, "quality.json"))
-    ablation = ablation_rows(flat)
+    ablation, flat_all = ablation_rows(flat), flat
     # ablation variants have their own table (at its ratio; elsewhere they are the only record of a row)
     flat = [r for r in flat if "@" not in r["method"] or abs(r["ratio"] - ABLATION_RATIO) > 1e-9]
     columns = ("method", "ratio", "refine_passes", "wikitext2_ppl", "c4_ppl", "peer_wikitext2_ppl", "peer_c4_ppl",
@@ -370,9 +376,20 @@ def write_outputs(args, records: list) -> None:
                "‖WX − W'X‖) and block refinement (3 passes; the published schedule against `best`'s). code: current "
                "= measured on the code of this table's latest rows; older = an earlier engine version, kept because "
                "it was not re-run.", "",
-               format_table(ablation, ("method", "anchored", "refinement", "wikitext2_ppl", "c4_ppl",
+               format_table(ablation, ("method", "anchored", "refinement", "selection_ppl", "wikitext2_ppl", "c4_ppl",
                                        "compress_seconds", "error_report", "code")
                             + (("device",) if len({r.get("device") for r in ablation}) > 1 else ()), markdown=True), ""]
+
+    starts = [r for r in flat_all if r["method"] in START_CHOICE]
+    if starts:
+        md += ["## `best`'s starting point at each ratio", "",
+               f"Refinement started from each closed form; `best` takes, at each ratio, the start with the lower "
+               f"selection_ppl: perplexity on {args.selection_windows} windows of the C4 calibration documents drawn "
+               f"with another seed ({data.SELECTION_SET}), never on the evaluation windows. A row without "
+               "selection_ppl was measured before the selection windows existed.", "",
+               format_table(sorted(starts, key=lambda r: (r["ratio"], START_CHOICE.index(r["method"]))),
+                            ("method", "ratio", "start", "selection_ppl", "wikitext2_ppl", "c4_ppl", "compress_seconds",
+                             "code", "device"), markdown=True), ""]
 
     def label(r):  # rows refined for other than --refine-passes passes say how many
         passes = r.get("refine_passes")
@@ -453,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wikitext-windows", type=int, default=128)
     p.add_argument("--c4-windows", type=int, default=64)
+    p.add_argument("--selection-windows", type=int, default=16,
+                   help="windows of the calibration documents (another seed) that choices are made on, so that none is "
+                        "tuned on the evaluation windows")
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=job.JobSpec.batch_size)
     p.add_argument("--refine-passes", type=int, default=3, help="for '+refine' rows (3: the peer's setting)")
@@ -492,7 +512,7 @@ def main(argv=None):
     if args.quick:
         args.methods, args.ratios = "svd-llm,saes,aa-svd+refine,best", "0.4"
         # evaluated at the calibration length; refinement overfits this little data (a smoke test only)
-        args.nsamples, args.seqlen, args.wikitext_windows, args.c4_windows = 8, 128, 4, 4
+        args.nsamples, args.seqlen, args.wikitext_windows, args.c4_windows, args.selection_windows = 8, 128, 4, 4, 4
         args.eval_seqlen = args.seqlen
         args.blocks = args.blocks or QUICK_BLOCKS
         args.protocol = "smollm2-cpu-quick"

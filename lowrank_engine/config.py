@@ -36,6 +36,11 @@ def setting(default: Any = None, help: str = "", *, factory=None, **cli) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def redefault(cls, name: str, default: Any) -> Any:
+    """A subclass's field with another default and `cls`'s help and CLI options (defined once, there)."""
+    return field(default=default, metadata=cls.__dataclass_fields__[name].metadata)
+
+
 def read_rank_map(path: str) -> dict:
     """A rank map file: JSON {module name: rank, or null to keep the module dense}."""
     try:
@@ -210,7 +215,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, only=None) -> None:
         if shown is not None:
             text += f" (default: {shown})"
         options["help"] = text.replace("%", "%%")
-        owner = next((k for k in groups if f.name in vars(k).get("__annotations__", {})), None)
+        # under the heading of the class that defines it first (a subclass may give it another default)
+        owner = next((k for k in reversed(groups) if f.name in vars(k).get("__annotations__", {})), None)
         (groups[owner] if owner is not None else parser).add_argument(flag_name(f), **options)
 
 

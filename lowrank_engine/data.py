@@ -22,6 +22,10 @@ logger = logging.getLogger("lowrank_engine")
 NAMED_SETS = ("wikitext2", "c4")
 C4_CALIBRATION_DOCS = (0, 1000)
 C4_HELDOUT_DOCS = (1000, 2000)
+# Windows for choosing a setting (a preset's ingredients, a schedule): from the calibration documents with
+# another seed, so that no choice is tuned on the evaluation windows (DESIGN §4).
+SELECTION_SET, SELECTION_SEED = "c4-select", 1
+EVAL_SETS = NAMED_SETS + (SELECTION_SET,)
 
 
 class DataError(ValueError):
@@ -241,12 +245,16 @@ def load_calibration(source: str, tokenizer, nsamples: int = 64, seqlen: int = 5
 
 
 def evaluation_windows(name: str, tokenizer, count: int, seqlen: int = 512) -> torch.Tensor:
-    """Held-out evaluation windows: wikitext2 (test rows) or c4 (docs[1000:2000])."""
+    """Held-out evaluation windows: wikitext2 (test rows) or c4 (docs[1000:2000]); or the selection windows,
+    c4-select (random windows of the calibration documents docs[0:1000], seed SELECTION_SEED)."""
     if name == "wikitext2":
         text = wikitext2_test_text()
     elif name == "c4":
         text = "\n\n".join(c4_documents(*C4_HELDOUT_DOCS))
+    elif name == SELECTION_SET:
+        ids = tokenize(tokenizer, "\n\n".join(c4_documents(*C4_CALIBRATION_DOCS)))
+        return random_windows(ids, count, seqlen, SELECTION_SEED)
     else:
-        raise DataError(f"unknown evaluation set {name!r}; choose from {', '.join(NAMED_SETS)}")
+        raise DataError(f"unknown evaluation set {name!r}; choose from {', '.join(EVAL_SETS)}")
     return consecutive_windows(tokenize(tokenizer, text), count, seqlen)
 

@@ -24,7 +24,7 @@ SUMMARY_COLUMNS = ("method", "ratio", "compressible_params", "compressible_reduc
                    "model_reduction", "wikitext2_ppl", "c4_ppl", "kl", "top1_agreement", "compress_seconds",
                    "peak_rss_mb")
 RANK_ALLOCATIONS = ("uniform", "waterfill", "last-layers")
-EVAL_WINDOWS = {"wikitext2": 128, "c4": 64}  # windows per perplexity set (DESIGN §4)
+EVAL_WINDOWS = {"wikitext2": 128, "c4": 64, data.SELECTION_SET: 16}  # windows per perplexity set (DESIGN §4)
 
 
 def parse_eval_sets(value: str) -> tuple:
@@ -32,7 +32,7 @@ def parse_eval_sets(value: str) -> tuple:
 
 
 def _windows_per_set(value: int) -> dict:
-    return {name: value for name in data.NAMED_SETS}
+    return {name: value for name in data.EVAL_SETS}
 
 
 @dataclass
@@ -41,6 +41,10 @@ class JobSpec(config.CompressionConfig):
     `lowrank-engine compress` with no flags (the quick start)."""
     cli_title = "job settings"  # the CLI's heading of these flags (not a field)
 
+    # The quick start compresses with `best` on 64×512 self-sampled tokens: the smallest calibration on which
+    # refinement was measured to help (REFINE_MIN_TOKENS); 10 min 40 s for SmolLM2 on a 2-core Intel Xeon VM,
+    # sampling included (README, quick start).
+    method: str = config.redefault(config.CompressionConfig, "method", "best")
     model: str = setting(models.DEFAULT_MODEL, "'smollm2-135m' (embedded default), a local HF checkpoint "
                                                "directory, or a hub id")
     rank_alloc: str = setting("uniform", "how the ratio is spread: the same ratio per matrix; water-filling by the "
@@ -53,15 +57,16 @@ class JobSpec(config.CompressionConfig):
     calibration: str = setting("self", f"'self' (text sampled from the model; no data set needed), one of "
                                        f"{list(data.NAMED_SETS)} (from $LOWRANK_ENGINE_DATA or the hub), or a "
                                        ".txt/.jsonl/.parquet file")
-    nsamples: int = setting(16, "number of calibration windows")
-    seqlen: int = setting(256, "tokens per calibration window")
+    nsamples: int = setting(64, "number of calibration windows")
+    seqlen: int = setting(512, "tokens per calibration window")
     seed: int = setting(0, "seed for window sampling and self-calibration")
     output: Optional[str] = setting(None, "checkpoint directory (default lowrank-out/<model>-<method>-r<ratio>)")
     resume: bool = setting(False, "continue an interrupted run from its last finished block")
     save: bool = setting(True, "write the checkpoint; without it the compressed model stays in memory only",
                          flag="--no-save")
-    eval_sets: Optional[tuple] = setting(None, "comma-separated perplexity sets (wikitext2,c4); default: both when "
-                                               "$LOWRANK_ENGINE_DATA is set, else none", type=str, from_cli=parse_eval_sets)
+    eval_sets: Optional[tuple] = setting(None, "comma-separated perplexity sets (wikitext2,c4; c4-select: C4 calibration "
+                                               "documents, another seed, for choosing settings); default: wikitext2,c4 "
+                                               "when $LOWRANK_ENGINE_DATA is set, else none", type=str, from_cli=parse_eval_sets)
     eval_windows: dict = setting(help="windows per perplexity set", factory=lambda: dict(EVAL_WINDOWS), type=int,
                                  from_cli=_windows_per_set,
                                  default_help=" / ".join(f"{n} {k}" for k, n in EVAL_WINDOWS.items()))
@@ -151,8 +156,9 @@ def _compressible_parameters(model) -> int:
 
 
 def _validate(spec: JobSpec) -> None:
-    """The job's own checks; every compression setting is checked by CompressionConfig.validate."""
-    spec.compression().validate()
+    """The job's own checks; every compression setting is checked by CompressionConfig.validate (on the
+    settings a preset method stands for)."""
+    expand_preset(spec).compression().validate()
     if spec.rank_alloc not in RANK_ALLOCATIONS:
         raise ValueError(f"unknown rank allocation {spec.rank_alloc!r}; choose from {', '.join(RANK_ALLOCATIONS)}")
     if spec.rank_alloc != "uniform" and spec.ratio is None:
@@ -162,8 +168,8 @@ def _validate(spec: JobSpec) -> None:
     if spec.last_layers is not None and spec.last_layers < 1:
         raise ValueError(f"--last-layers K must be at least 1, got {spec.last_layers}")
     for name in spec.eval_sets or ():
-        if name not in data.NAMED_SETS:
-            raise ValueError(f"unknown evaluation set {name!r}; choose from {', '.join(data.NAMED_SETS)}")
+        if name not in data.EVAL_SETS:
+            raise ValueError(f"unknown evaluation set {name!r}; choose from {', '.join(data.EVAL_SETS)}")
 
 
 REFINE_MIN_TOKENS = 64 * 512  # the smallest calibration set on which refinement was measured to help

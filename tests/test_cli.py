@@ -188,7 +188,9 @@ def test_help_documents_every_flag(capsys):
     flags = {s for a in _compress_parser()._actions for s in a.option_strings}
     for flag in FLAGS_BEFORE_GENERATION + ("--no-track-error",):
         assert flag in flags and f"{flag} " in text, flag
-    assert "(default: saes)" in text and "(default: 0.2)" in text and "(default: 16)" in text
+    assert "(default: best)" in text and "(default: 0.2)" in text and "(default: 64)" in text
+    compression = text.split("compression settings")[1].split("job settings")[0]
+    assert "--method " in compression  # under the heading of the class that defines it, whose default JobSpec changes
 
 
 def test_every_setting_is_a_compress_flag_that_parses_back(tmp_path, capsys):
@@ -231,7 +233,9 @@ def test_compress_without_flags_is_the_jobspecs_defaults():
 
     spec, explicit = cli.compress_spec(cli.build_parser().parse_args(["compress"]))
     assert spec == job.JobSpec(device=config.default_device()) and explicit == set()
-    assert (spec.method, spec.ratio, spec.calibration, spec.nsamples, spec.seqlen) == ("saes", 0.2, "self", 16, 256)
+    assert (spec.method, spec.ratio, spec.calibration, spec.nsamples, spec.seqlen) == ("best", 0.2, "self", 64, 512)
+    quick_start = job.resolve(spec, explicit)
+    assert quick_start.preset == "best" and quick_start.refine and job.refinement_warning(quick_start) is None
     assert spec.track_error and spec.save and spec.progress
 
 
@@ -353,6 +357,7 @@ def test_refining_on_a_small_or_short_calibration_set_warns():
     assert "128-token windows" in warning(method="best", nsamples=256, seqlen=128, eval_seqlen=512)
     assert "8×512 calibration tokens" in warning(method="best", nsamples=8, seqlen=512)
     assert warning(method="best", nsamples=64, seqlen=512) is None
+    assert warning() is None  # the quick start's defaults: best on 64×512 tokens
     assert warning(method="aa-svd", nsamples=8, seqlen=128) is None
 
 

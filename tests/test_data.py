@@ -113,6 +113,10 @@ def test_local_named_sets_and_split_convention():
     assert w.shape == (4, 64)
     c = data.load_calibration("c4", tok, 2, 32, 0)
     assert c.input_ids.shape == (2, 32) and "docs[0:1000]" in c.summary["documents"]
+    # the selection windows: the calibration documents with another seed, never the evaluation windows
+    select = data.evaluation_windows("c4-select", tok, 4, 32)
+    assert select.shape == (4, 32) and torch.equal(select, data.load_calibration("c4", tok, 4, 32, data.SELECTION_SEED).input_ids)
+    assert not torch.equal(select[:2], c.input_ids)
 
 
 def test_missing_local_file_in_data_dir(tmp_path, monkeypatch):

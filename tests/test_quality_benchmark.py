@@ -36,7 +36,7 @@ def test_row_names_give_method_search_refinement_and_allocation():
     assert (row.preset, row.method, row.refine, row.rank_alloc) == ("best", preset["method"], preset["refine"],
                                                                     preset["rank_alloc"])
     assert {k: getattr(row, k) for k in preset["refine_options"]} == preset["refine_options"]
-    assert (row.calibration, row.nsamples, row.seqlen, row.eval_sets) == ("c4", 64, 512, ("wikitext2", "c4"))
+    assert (row.calibration, row.nsamples, row.seqlen, row.eval_sets) == ("c4", 64, 512, ("wikitext2", "c4", "c4-select"))
     with pytest.raises(ValueError, match="unknown modifier"):
         _row(quality, "svd-llm+finetune")
 
@@ -127,8 +127,9 @@ def _protocol_args(**overrides):
     return args
 
 
-PROTOCOL_SPEC = dict(model="m", calibration="c4", nsamples=64, seqlen=512, seed=0, eval_sets=("wikitext2", "c4"),
-                     eval_windows={"wikitext2": 128, "c4": 64}, eval_seqlen=512, batch_size=8, device="cpu",
+PROTOCOL_SPEC = dict(model="m", calibration="c4", nsamples=64, seqlen=512, seed=0,
+                     eval_sets=("wikitext2", "c4", "c4-select"), eval_windows={"wikitext2": 128, "c4": 64, "c4-select": 16},
+                     eval_seqlen=512, batch_size=8, device="cpu",
                      save=False, fidelity_samples=0, plot=False, progress=False, track_error=True)
 
 
@@ -241,16 +242,19 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     quality = _quality()
     rec = lambda m, ppl, **kw: {"method": m, "ratio": 0.4, "wikitext2_ppl": ppl, "c4_ppl": ppl / 2,  # noqa: E731
                                 "compress_seconds": 1.0, "protocol": quality.PROTOCOL, "device": "cpu", **kw}
-    records = [rec("aa-svd", 576.0), rec("best", 205.0, refine_passes=3, track_error=True),
-               rec("best@method=aa-svd", 300.0, refine_passes=3, track_error=True)]
-    args = quality.main.__globals__["argparse"].Namespace(
-        out_dir=str(tmp_path), protocol=quality.PROTOCOL, model="m", nsamples=64, seqlen=512, seed=0,
-        wikitext_windows=128, c4_windows=64, eval_seqlen=512, blocks=None, refine_passes=3, plot_methods="best",
-        plot_ratio=0.4)
+    records = [rec("aa-svd", 576.0), rec("best", 205.0, refine_passes=3, track_error=True, **{"c4-select_ppl": 61.5}),
+               rec("best@method=aa-svd", 300.0, refine_passes=3, track_error=True, start="aa-svd",
+                   **{"c4-select_ppl": 70.25})]
+    args = _protocol_args(out_dir=str(tmp_path), protocol=quality.PROTOCOL, plot_methods="best")
     quality.write_outputs(args, records)
     md = (tmp_path / "quality.md").read_text()
-    main, ablation = md.split("## Ablation")
+    main, rest = md.split("## Ablation")
+    ablation, starts = rest.split("## `best`'s starting point")
     assert "| best@method=aa-svd |" not in main and "| best@method=aa-svd |" in ablation
     rows = {line.split("|")[1].strip(): line for line in ablation.splitlines() if line.startswith("| ")}
     assert "older" in rows["aa-svd"] and "current" in rows["best"] and "per-window" in rows["best"]
+    assert "61.50" in rows["best"]  # the selection perplexity
+    starts = {line.split("|")[1].strip(): line for line in starts.splitlines() if line.startswith("| ")}
+    assert set(starts) == {"method", "best", "best@method=aa-svd"}
+    assert "| svd-llm |" in starts["best"] and "| aa-svd |" in starts["best@method=aa-svd"] and "70.25" in starts["best@method=aa-svd"]
 
