@@ -91,8 +91,9 @@ class JobSpec(config.CompressionConfig):
 # those the user did not set. "best": SVD-LLM's closed form, then block refinement on the dense block's
 # output, which recovers what the per-matrix closed forms cannot. Refinement's target is the dense output
 # Block(X), so the error that single-stream factors let compound is fitted away block by block; starting
-# it from svd-llm rather than the anchored aa-svd was measured better at ratio 0.4 (163.20 / 106.00
-# against 198.75 / 123.70 WikiText-2 / C4, benchmarks/results/quality.md's ablation). Refinement
+# it from svd-llm rather than the anchored aa-svd gave the lower perplexity on the selection windows
+# (c4-select) at ratios 0.2, 0.4 and 0.6 (57.67 / 88.87 / 175.74 against 63.61 / 102.34 / 199.76;
+# benchmarks/results/quality.md, "best's starting point"), so the start is the same at every ratio. Refinement
 # takes one AdamW step per calibration window at a 1e-3 peak: the published one step per batch at 1e-4
 # barely moves the factors in a few passes. On the first 5 SmolLM2 blocks at ratio 0.4 (64×512 C4,
 # 3 passes) the last block's relative output error was 0.0805 (published settings), 0.0734 (per-window
