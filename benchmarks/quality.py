@@ -54,7 +54,7 @@ ABLATION = (
     ("best", "off", "per-window steps, lr 1e-3"),
     ("best@refine_lr=0.003", "off", "per-window steps, lr 3e-3"),
 )
-# the starts of refinement that `best` chooses between at each ratio (its preset's method_by_ratio)
+# the starts of refinement compared at each ratio on the selection windows (job.PRESETS["best"]'s method)
 START_CHOICE = ("best", "best@method=aa-svd")
 QUICK_BLOCKS = 8  # --quick keeps SmolLM2's first 8 blocks: the per-linear solves, not the tokens, set its time
 
@@ -320,8 +320,7 @@ def write_outputs(args, records: list) -> None:
                                            "error_tracking_seconds", "peak_rss_mb", "protocol", "device", "calibration", "beta_mean",
                                            "refine_passes", "stage_seconds")})
         flat[-1]["selection_ppl"] = r.get(f"{data.SELECTION_SET}_ppl")
-        if r["method"].split("@")[0] == "best":  # older records: the label's @method, else the svd-llm start
-            flat[-1]["start"] = r.get("start") or row_fields(r["method"])[1].get("method", "svd-llm")
+        flat[-1]["start"] = r.get("start")  # the closed form refinement started from (records since c4-select)
         flat[-1]["error_report"] = error_report(r)
         flat[-1]["code"] = "current" if "track_error" in r else "older"  # job.run_job records say track_error
         if "track_error" in r:  # the error report's share of compress_seconds (single-stream methods)

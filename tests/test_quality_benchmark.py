@@ -242,7 +242,8 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     quality = _quality()
     rec = lambda m, ppl, **kw: {"method": m, "ratio": 0.4, "wikitext2_ppl": ppl, "c4_ppl": ppl / 2,  # noqa: E731
                                 "compress_seconds": 1.0, "protocol": quality.PROTOCOL, "device": "cpu", **kw}
-    records = [rec("aa-svd", 576.0), rec("best", 205.0, refine_passes=3, track_error=True, **{"c4-select_ppl": 61.5}),
+    records = [rec("aa-svd", 576.0), rec("best", 205.0, refine_passes=3, track_error=True, start="svd-llm",
+                                                **{"c4-select_ppl": 61.5}),
                rec("best@method=aa-svd", 300.0, refine_passes=3, track_error=True, start="aa-svd",
                    **{"c4-select_ppl": 70.25})]
     args = _protocol_args(out_dir=str(tmp_path), protocol=quality.PROTOCOL, plot_methods="best")
