@@ -44,18 +44,23 @@ DEFAULT_METHODS = "svd,asvd,fwsvd,svd-llm,shift-aware,aa-svd,aa-svd+refine,erc-s
 
 
 MODIFIERS = ("refine", "waterfill")
-# The ingredients of `best`, each on and off at ABLATION_RATIO: (row label, anchored objective, refinement).
+# The ingredients of `best`, each on and off at ABLATION_RATIO:
+# (row label, anchored objective, block refinement, model distillation).
 ABLATION_RATIO = 0.4
+PER_WINDOW = "per-window steps, lr 1e-3"
 ABLATION = (
-    ("svd-llm", "off", "off"),
-    ("aa-svd", "on", "off"),
-    ("aa-svd+refine", "on", "published: one step per 8-window batch, lr 1e-4"),
-    ("best@method=aa-svd", "on", "per-window steps, lr 1e-3"),
-    ("best", "off", "per-window steps, lr 1e-3"),
-    ("best@refine_lr=0.003", "off", "per-window steps, lr 3e-3"),
+    ("svd-llm", "off", "off", "off"),
+    ("svd-llm@distill_passes=1", "off", "off", "1 pass, lr 1e-4"),
+    ("aa-svd", "on", "off", "off"),
+    ("aa-svd+refine", "on", "published: one step per 8-window batch, lr 1e-4", "off"),
+    ("best@method=aa-svd@distill_passes=0", "on", PER_WINDOW, "off"),
+    ("best@distill_passes=0", "off", PER_WINDOW, "off"),
+    ("best@refine_passes=1", "off", PER_WINDOW + ", 1 pass", "1 pass, lr 1e-4"),
+    ("best", "off", PER_WINDOW, "1 pass, lr 1e-4"),
 )
-# the starts of refinement compared at each ratio on the selection windows (job.PRESETS["best"]'s method)
-START_CHOICE = ("best", "best@method=aa-svd")
+# the starts of refinement compared at each ratio on the selection windows (job.PRESETS["best"]'s method),
+# before distillation was part of best
+START_CHOICE = ("best@distill_passes=0", "best@method=aa-svd@distill_passes=0")
 QUICK_BLOCKS = 8  # --quick keeps SmolLM2's first 8 blocks: the per-linear solves, not the tokens, set its time
 
 
@@ -178,9 +183,10 @@ def run_one(label: str, spec: job.JobSpec, protocol: str) -> dict:
     record = {"method": label, "ratio": 0.0 if label == "dense" else spec.ratio, "protocol": protocol,
               "device": device_name(), "calibration": f"{spec.calibration} {spec.nsamples}x{spec.seqlen} seed {spec.seed}",
               "threads": torch.get_num_threads(), "refine_passes": spec.refine_passes if spec.refine else None,
+              "distill_passes": spec.distill_passes,
               "saved": spec.save, "start": spec.method}  # the closed form a preset starts from
     if spec.preset:
-        record["refine_settings"] = {k: getattr(spec, k) for k in job.PRESETS[spec.preset].get("refine_options", {})}
+        record["tuning"] = {k: getattr(spec, k) for k in job.PRESETS[spec.preset].get("tuning", {})}
     if label == "dense":
         model, tokenizer = models.load_model(models.resolve_model_path(spec.model),
                                              trust_remote_code=spec.trust_remote_code)
@@ -219,7 +225,7 @@ def run_configs(args, configs: list) -> list:
         spec = row_job(args, method, ratio)
         base, *overrides = method.split("@")
         label = base.replace(":", "-") + (f"{spec.refine_passes}" if spec.refine else "") + \
-            "".join("@" + o for o in overrides)
+            (f"-distill{spec.distill_passes}" if spec.distill_passes else "") + "".join("@" + o for o in overrides)
         cache = os.path.join(args.runs_dir, f"{args.protocol}_{label}_{ratio}.json")
         if os.path.exists(cache):
             with open(cache) as f:
@@ -301,12 +307,14 @@ def error_report(record: dict) -> str | None:
 
 
 def ablation_rows(flat: list) -> list:
-    """The ablation table's rows that were measured (3 refinement passes where refined)."""
+    """The ablation table's rows that were measured (3 refinement passes where refined, unless the label
+    sets them)."""
     rows = []
-    for name, anchored, refinement in ABLATION:
+    for name, anchored, refinement, distillation in ABLATION:
         for r in flat:
-            if r["method"] == name and abs(r["ratio"] - ABLATION_RATIO) < 1e-9 and r.get("refine_passes") in (None, 3):
-                rows.append({**r, "anchored": anchored, "refinement": refinement})
+            passes_ok = r.get("refine_passes") in (None, 3) or "@refine_passes=" in name
+            if r["method"] == name and abs(r["ratio"] - ABLATION_RATIO) < 1e-9 and passes_ok:
+                rows.append({**r, "anchored": anchored, "refinement": refinement, "distillation": distillation})
     return rows
 
 
@@ -350,8 +358,9 @@ def write_outputs(args, records: list) -> None:
           "peer_* columns: the published AA-SVD code on the same protocol, as the issue quotes it; its "
           "peer_compress_seconds come from another 2-core machine (the side-by-side table below times the peer's "
           "code on the engine's machine). saes:fixed = ACES fixed-subspace β. "
-          "best = the `best` preset (svd-llm, then refinement with one step per window at lr 1e-3; rows "
-          "measured before it started from svd-llm are best@method=aa-svd). "
+          "best = the `best` preset (svd-llm, then refinement with one step per window at lr 1e-3, then one "
+          "pass of model distillation at lr 1e-4); best@distill_passes=0 is it without distillation, "
+          "best@method=aa-svd@distill_passes=0 that started from aa-svd. "
           "Every row runs through the job code of `lowrank-engine compress` (job.run_job) with the per-block error "
           "report on, since the plot below needs it. compress_seconds are what a user waits for from the start of "
           "compression to the last factor: rank allocation, FWSVD's Fisher pass and the error report included "
@@ -372,10 +381,12 @@ def write_outputs(args, records: list) -> None:
     if ablation:
         md += [f"## Ablation of `best` at ratio {ABLATION_RATIO}", "",
                "Each ingredient of `best` on and off: the anchored objective (aa-svd's ‖WX − W'X'‖ against svd-llm's "
-               "‖WX − W'X‖) and block refinement (3 passes; the published schedule against `best`'s). code: current "
-               "= measured on the code of this table's latest rows; older = an earlier engine version, kept because "
-               "it was not re-run.", "",
-               format_table(ablation, ("method", "anchored", "refinement", "selection_ppl", "wikitext2_ppl", "c4_ppl",
+               "‖WX − W'X‖), block refinement (3 passes unless said; the published schedule against `best`'s) and "
+               "model distillation (KL to the dense model's next-token distribution on the calibration windows, "
+               "after the last block). code: current = measured on the code of this table's latest rows; older = an "
+               "earlier engine version, kept because it was not re-run.", "",
+               format_table(ablation, ("method", "anchored", "refinement", "distillation", "selection_ppl",
+                                       "wikitext2_ppl", "c4_ppl",
                                        "compress_seconds", "error_report", "code")
                             + (("device",) if len({r.get("device") for r in ablation}) > 1 else ()), markdown=True), ""]
 

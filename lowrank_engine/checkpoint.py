@@ -436,9 +436,10 @@ def uninitialised_parameters(directory: str, trust_remote_code: bool = False) ->
 
 
 def assemble_checkpoint(work_dir: str, output: str, non_block: dict, config, tokenizer, lowrank_config: dict,
-                        trust_remote_code: bool = False) -> str:
-    """Turn a finished run's per-block files into a sharded checkpoint (hard links, then one rename)."""
-    blocks_dir = os.path.join(work_dir, "blocks")
+                        trust_remote_code: bool = False, blocks_dir: Optional[str] = None) -> str:
+    """Turn a finished run's per-block files (`blocks_dir`, default <work_dir>/blocks) into a sharded
+    checkpoint (hard links, then one rename)."""
+    blocks_dir = blocks_dir or os.path.join(work_dir, "blocks")
     block_files = sorted(f for f in os.listdir(blocks_dir) if f.endswith(".safetensors") and not f.startswith("."))
     skeleton = empty_model_from_config(config, trust_remote_code)
     install_lowrank_modules(skeleton, lowrank_config["ranks"])

@@ -71,7 +71,7 @@ class CompressionConfig:
     cli_title = "compression settings"  # the CLI's heading of these flags (not a field)
 
     method: str = setting("saes", "compression objective, or a preset of the engine's stages (best: svd-llm + block "
-                                  "refinement; see job.PRESETS)", choices=_method_choices)
+                                  "refinement + model distillation; see job.PRESETS)", choices=_method_choices)
     ratio: Optional[float] = setting(0.2, "fraction of the compressible-linear parameters REMOVED, in (0, 1)")
     rank_map: Optional[dict] = setting(
         None, "JSON file {module name: rank, or null to keep it dense}; overrides --ratio and --rank-alloc for the "
@@ -116,6 +116,11 @@ class CompressionConfig:
                                                  "refinement cheap on a CPU")
     refine_micro_batch: Optional[int] = setting(None, "calibration windows per optimizer step (default: --batch-size); "
                                                       "smaller takes more steps for the same compute")
+    # model distillation after the last block (distill.py); refinement's schedule, decay, clip and micro-batch
+    distill_passes: int = setting(0, "passes of whole-model distillation over the calibration windows after the last "
+                                     "block: every factor and norm is tuned so that the next-token distribution "
+                                     "matches the dense model's (KL); needs both whole models in memory; 0 = off")
+    distill_lr: float = setting(1e-4, "peak learning rate of distillation")
 
     def validate(self) -> None:
         """One line naming the bad setting; called before any work or output."""
@@ -134,10 +139,12 @@ class CompressionConfig:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if (self.refine_passes < 0 or self.refine_lr <= 0 or not 0 <= self.refine_warmup < 1 or self.refine_clip <= 0
                 or (self.refine_micro_batch is not None and self.refine_micro_batch < 1)
-                or (self.refine_tokens is not None and self.refine_tokens < 1)):
+                or (self.refine_tokens is not None and self.refine_tokens < 1)
+                or self.distill_passes < 0 or self.distill_lr <= 0):
             raise ValueError("bad refinement settings: " + ", ".join(
                 f"{n}={getattr(self, n)}" for n in ("refine_passes", "refine_lr", "refine_warmup", "refine_clip",
-                                                    "refine_micro_batch", "refine_tokens")))
+                                                    "refine_micro_batch", "refine_tokens", "distill_passes",
+                                                    "distill_lr")))
 
     def compression(self) -> "CompressionConfig":
         """The compression settings alone, as a plain CompressionConfig (of a job.JobSpec: what the pipeline runs)."""

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
 
-from lowrank_engine import checkpoint, config, data, distributed, evaluation, models, pipeline, report, workdir
+from lowrank_engine import (checkpoint, config, data, distill, distributed, evaluation, models, pipeline, report,
+                            workdir)
 from lowrank_engine.config import read_rank_map, setting  # noqa: F401  (read_rank_map: the job's name for it)
 
 logger = logging.getLogger("lowrank_engine")
@@ -86,10 +87,10 @@ class JobSpec(config.CompressionConfig):
             self.eval_sets = tuple(self.eval_sets)
 
 
-# A preset composes the engine's stages (objective, rank allocation, refinement); it is not a
-# method of its own. Its keys are JobSpec fields ("refine_options": the refine_* ones); it fills in
+# A preset composes the engine's stages (objective, rank allocation, refinement, distillation); it is not
+# a method of its own. Its keys are JobSpec fields ("tuning": the refine_* and distill_* ones); it fills in
 # those the user did not set. "best": SVD-LLM's closed form, then block refinement on the dense block's
-# output, which recovers what the per-matrix closed forms cannot. Refinement's target is the dense output
+# output, then one pass of model distillation (distill.py). Refinement's target is the dense output
 # Block(X), so the error that single-stream factors let compound is fitted away block by block; starting
 # it from svd-llm rather than the anchored aa-svd gave the lower perplexity on the selection windows
 # (c4-select) at ratios 0.2, 0.4 and 0.6 (57.67 / 88.87 / 175.74 against 63.61 / 102.34 / 199.76;
@@ -99,18 +100,23 @@ class JobSpec(config.CompressionConfig):
 # 3 passes) the last block's relative output error was 0.0805 (published settings), 0.0734 (per-window
 # steps), 0.0639 (lr 3e-4), 0.0579 (lr 1e-3), 0.0568 (lr 3e-3); SAES as the starting point gave 0.0581
 # for a costlier solve. Three passes of per-window steps are 192 steps on 64 windows, about the
-# published 25 passes of 8-window batches (200 steps), at an eighth of the compute. Water-filled ranks were measured worse at ratio 0.4 (551.5 / 269.6
-# against 447.1 / 222.2 uniform), so ranks stay uniform (benchmarks/results/quality.md).
+# published 25 passes of 8-window batches (200 steps), at an eighth of the compute. Water-filled ranks
+# were measured worse at ratio 0.4 (551.5 / 269.6 against 447.1 / 222.2 uniform), so ranks stay uniform.
+# Distillation then trains the whole model on the KL to the dense model's next-token distribution; on the
+# refined 0.4 model (a prototype of this stage, without weight decay) the selection perplexity after one
+# pass was 73.23 / 72.83 / 81.98 at peak lr 3e-5 / 1e-4 / 3e-4 (88.87 before), and a second pass at 1e-4
+# gave 71.02 for twice the time, so one pass at 1e-4.
 PRESETS = {
     "best": {"method": "svd-llm", "rank_alloc": "uniform", "refine": True,
-             "refine_options": {"refine_passes": 3, "refine_micro_batch": 1, "refine_lr": 1e-3}},
+             "tuning": {"refine_passes": 3, "refine_micro_batch": 1, "refine_lr": 1e-3,
+                        "distill_passes": 1, "distill_lr": 1e-4}},
 }
 
 
 def preset_fields(name: str) -> dict:
     """The JobSpec fields a preset sets (its method included)."""
     preset = PRESETS[name]
-    return {**{k: v for k, v in preset.items() if k != "refine_options"}, **preset.get("refine_options", {})}
+    return {**{k: v for k, v in preset.items() if k != "tuning"}, **preset.get("tuning", {})}
 
 
 def expand_preset(spec: JobSpec, explicit: Optional[set] = None) -> JobSpec:
@@ -243,6 +249,18 @@ class Compressed:
     path: Optional[str] = None  # the dense model's local directory
 
 
+def write_distilled_blocks(source, work_dir: str) -> str:
+    """The distilled blocks as <work_dir>/distilled/block-N.safetensors, the checkpoint's block files. The
+    blocks/ files keep the factors before distillation: a resumed run replays them and distills again."""
+    directory = os.path.join(work_dir, "distilled")
+    os.makedirs(directory, exist_ok=True)
+    for index, block in enumerate(source.blocks):
+        prefix = f"{source.blocks_name}.{index}."
+        checkpoint.atomic_save_tensors({prefix + k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()},
+                                       os.path.join(directory, f"block-{index:05d}.safetensors"))
+    return directory
+
+
 def compress(spec: JobSpec) -> Compressed:
     """Load, calibrate, compress and (with spec.save) write the checkpoint of a resolved job (`resolve`).
     The record's compress_seconds are what the user waits for from the start of compression to the last
@@ -270,7 +288,9 @@ def compress(spec: JobSpec) -> Compressed:
         raise models.ModelSourceError(f"cannot load model {spec.model!r}: {str(exc).splitlines()[0]}") from exc
 
     # the skeleton first: an unsupported architecture fails before any calibration work
-    source = pipeline.LazyBlockSource(path, spec.trust_remote_code, keep_compressed=not spec.save)
+    # distillation tunes the whole compressed model, so its blocks stay in memory
+    source = pipeline.LazyBlockSource(path, spec.trust_remote_code,
+                                      keep_compressed=not spec.save or spec.distill_passes > 0)
     if spec.calibration == "self":  # sampling needs the whole dense model once, before compression starts
         dense, _ = models.load_model(path, trust_remote_code=spec.trust_remote_code)
         models.check_finite_parameters(dense)  # else sampling fails far from the cause
@@ -283,22 +303,24 @@ def compress(spec: JobSpec) -> Compressed:
     dense_linears = sum(p.numel() for b in source.blocks for m in models.block_linears(b).values()
                         for p in m.parameters())
     dense_params = models.count_parameters(source.model)
+    if spec.distill_passes and distributed.rank() == 0:  # the one stage that holds whole models
+        distill.check_memory(dense_params, model_config.vocab_size, spec.seqlen, spec)
     dense_model = lambda: models.load_model(path, trust_remote_code=spec.trust_remote_code)[0].to(spec.device)  # noqa: E731
 
     # compression starts: everything from here to the last factor is compress_seconds (and its peak RSS)
     pipeline.reset_peak_rss()
     start = time.perf_counter()
-    before = {}
+    job_stages = {}  # the stages around the block pipeline
     rank_map = spec.rank_map
     if spec.rank_alloc != "uniform":
         rank_map = {**allocate_ranks(spec, path, source, calib.input_ids), **(rank_map or {})}
-        before["rank_allocation"] = time.perf_counter() - start
+        job_stages["rank_allocation"] = time.perf_counter() - start
     compressor = pipeline.Compressor(source, replace(spec.compression(), rank_map=rank_map),
                                      work_dir=work_dir if spec.save else None, progress=spec.progress)
     began = time.perf_counter()
     compressor.prepare(calib.input_ids, dense_model)  # FWSVD's Fisher: gradients of the whole dense model
     if compressor.fisher is not None:
-        before["fisher"] = time.perf_counter() - began
+        job_stages["fisher"] = time.perf_counter() - began
     compressor.memory_plan(calib.input_ids)  # a budget that cannot hold one block fails before any output exists
     distributed.barrier()  # every rank has checked the output paths before any creates them
     lock = workdir.WorkDirLock(work_dir)  # one process per output; rank 0 holds it for its peers
@@ -309,14 +331,28 @@ def compress(spec: JobSpec) -> Compressed:
             lock.acquire()
     try:
         result = compressor.run(calib.input_ids)
-        seconds = time.perf_counter() - start
-        if distributed.rank() != 0:  # rank 0 assembles, evaluates and reports
+        if distributed.rank() != 0:  # rank 0 distills, assembles, evaluates and reports
             return Compressed(spec, {"method": spec.method, "ratio": spec.ratio, "rank": distributed.rank()})
+        blocks_dir, distill_report, distilled_errors = None, None, None
+        if spec.distill_passes:
+            began = time.perf_counter()
+            teacher, student = dense_model(), source.model.to(spec.device)
+            distill_report = distill.distill_model(student, teacher, calib.input_ids, spec, progress=spec.progress)
+            job_stages["distill"] = time.perf_counter() - began
+            if spec.track_error:  # the per-block report of the model as distillation leaves it
+                began = time.perf_counter()
+                distilled_errors = distill.block_output_errors(teacher, student, calib.input_ids, spec.batch_size)
+                job_stages["distill_error_report"] = time.perf_counter() - began
+            del teacher, student
+            if spec.save:
+                blocks_dir = write_distilled_blocks(source, work_dir)
+        seconds = time.perf_counter() - start
         lowrank_config = checkpoint.build_lowrank_config(result.ranks, spec.method, spec.ratio, calib.describe(),
                                                          {"beta_search": spec.beta_search, "base_model": spec.model})
         if spec.save:
             checkpoint.assemble_checkpoint(work_dir, output, source.non_block_state(), model_config, tokenizer,
-                                           lowrank_config, trust_remote_code=spec.trust_remote_code)
+                                           lowrank_config, trust_remote_code=spec.trust_remote_code,
+                                           blocks_dir=blocks_dir)
             shutil.rmtree(work_dir, ignore_errors=True)
     except ValueError:  # bad input (NaN activations, an unsupported model): a resume would fail alike
         if created and distributed.rank() == 0:
@@ -334,11 +370,15 @@ def compress(spec: JobSpec) -> Compressed:
               "compressible_params": _compressible_parameters(model), "compressible_dense": dense_linears,
               "model_params": models.count_parameters(model), "model_dense": dense_params,
               "compress_seconds": seconds, "peak_rss_mb": result.peak_rss_mb, "peak_gpu_mb": result.peak_gpu_mb,
-              "stage_seconds": {**before, **result.stage_seconds}, "track_error": spec.track_error,
+              "stage_seconds": {**job_stages, **result.stage_seconds}, "track_error": spec.track_error,
               "calibration": calib.describe(), "beta_search": spec.beta_search}
     record["compressible_reduction"] = 1 - record["compressible_params"] / dense_linears
     record["model_reduction"] = 1 - record["model_params"] / dense_params
     record["layer_errors"] = [(b.output_rel_mse, b.output_cosine_distance) for b in result.blocks]
+    if spec.distill_passes:
+        record["distill"] = distill_report
+        if distilled_errors is not None:
+            record["layer_errors_before_distill"], record["layer_errors"] = record["layer_errors"], distilled_errors
     record["betas"] = {f"{b.index}.{n}": v["beta"] for b in result.blocks for n, v in b.modules.items()
                        if v.get("beta") is not None}
     if spec.save:

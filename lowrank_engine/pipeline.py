@@ -427,17 +427,25 @@ class Compressor:
                 BlockReport(**report))
 
 
-def stream_error(x: list, xp: list) -> tuple[float, float]:
-    """Relative MSE ‖X'−X‖²/‖X‖² and mean per-token cosine distance between the streams (over all ranks)."""
-    sums = torch.zeros(4, dtype=torch.float64)  # ‖X'−X‖², ‖X‖², Σ(1 − cos), tokens
-    for a, b in zip(x, xp):
-        a, b = a.double(), b.to(a.device).double()
-        cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
-        sums += torch.tensor([float(((b - a) ** 2).sum()), float((a ** 2).sum()), float((1 - cos).sum()), cos.numel()],
-                             dtype=torch.float64)
-    sums = distributed.all_reduce_sum_tensor(sums)
+def error_sums(x: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+    """float64 [‖X'−X‖², ‖X‖², Σ(1 − cos), tokens] of one batch (the parts of stream_error)."""
+    a, b = x.double(), xp.to(x.device).double()
+    cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
+    return torch.tensor([float(((b - a) ** 2).sum()), float((a ** 2).sum()), float((1 - cos).sum()), cos.numel()],
+                        dtype=torch.float64)
+
+
+def errors_from_sums(sums: torch.Tensor) -> tuple[float, float]:
     num, den, cos_sum, count = sums.tolist()
     return num / max(den, 1e-300), cos_sum / max(count, 1)
+
+
+def stream_error(x: list, xp: list) -> tuple[float, float]:
+    """Relative MSE ‖X'−X‖²/‖X‖² and mean per-token cosine distance between the streams (over all ranks)."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    for a, b in zip(x, xp):
+        sums += error_sums(a, b)
+    return errors_from_sums(distributed.all_reduce_sum_tensor(sums))
 
 
 def compress_model(model: nn.Module, input_ids: torch.Tensor, cfg: CompressionConfig,

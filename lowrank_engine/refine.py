@@ -9,7 +9,9 @@ scales toward 1, neither of which is a prior worth having.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -67,7 +69,7 @@ def balance_factors(block: nn.Module) -> None:
             module.V.div_(scale)
 
 
-def _adamw(params: list, cfg: CompressionConfig) -> torch.optim.Optimizer:
+def adamw(params: list, cfg: CompressionConfig) -> torch.optim.Optimizer:
     """AdamW with its fused kernel where the device has one: the default per-tensor loop took 11 ms a
     step on 2 CPU cores for a SmolLM2 block's 16 tensors, the fused step 1 ms (the best preset takes
     192 steps per block). `params`: parameters or parameter groups (a group's own weight decay wins)."""
@@ -77,12 +79,56 @@ def _adamw(params: list, cfg: CompressionConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=cfg.refine_lr, weight_decay=cfg.refine_weight_decay)
 
 
-def learning_rate(step: int, total: int, cfg: CompressionConfig) -> float:
+def learning_rate(step: int, total: int, cfg: CompressionConfig, peak: Optional[float] = None) -> float:
+    """Linear warm-up to `peak` (default cfg.refine_lr), then cosine decay to cfg.refine_final_lr_ratio × peak."""
+    peak = cfg.refine_lr if peak is None else peak
     warm = math.ceil(cfg.refine_warmup * total)
     if step < warm:
-        return cfg.refine_lr * (step + 1) / warm
+        return peak * (step + 1) / warm
     progress = (step - warm) / max(total - warm, 1)
-    return cfg.refine_lr * (cfg.refine_final_lr_ratio + (1 - cfg.refine_final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (cfg.refine_final_lr_ratio + (1 - cfg.refine_final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@contextlib.contextmanager
+def trained_in_fp32(module: nn.Module, params: list):
+    """Within the context, `module` is fp32 with gradients for `params` only (the optimizer state and
+    updates are fp32 even in a bf16 model); on exit every tensor gets its dtype and flag back."""
+    param_state = {n: (p.dtype, p.requires_grad) for n, p in module.named_parameters()}
+    buffer_dtypes = {n: b.dtype for n, b in module.named_buffers()}
+    module.float()
+    module.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for name, p in module.named_parameters():
+            dtype, flag = param_state[name]
+            p.grad = None
+            p.data = p.data.to(dtype)
+            p.requires_grad_(flag)
+        for name, b in list(module.named_buffers()):
+            owner, _, leaf = name.rpartition(".")
+            (module.get_submodule(owner) if owner else module)._buffers[leaf] = b.to(buffer_dtypes[name])
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list, loss: torch.Tensor, cfg: CompressionConfig,
+                   lr: float, average_over_ranks: bool = False) -> float:
+    """One clipped AdamW step at `lr` on `loss`; returns the loss. `average_over_ranks`: average the gradients
+    of every process first (each took the step on its own windows)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if average_over_ranks and distributed.active():
+        for p in params:
+            if p.grad is None:  # every rank must join every all-reduce
+                p.grad = torch.zeros_like(p)
+            distributed.all_reduce_sum_(p.grad)
+            p.grad /= distributed.world_size()
+    torch.nn.utils.clip_grad_norm_(params, cfg.refine_clip)
+    optimizer.step()
+    return float(loss.detach())
 
 
 def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: CompressionConfig,
@@ -105,46 +151,20 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: C
     factorized = any(isinstance(m, LowRankLinear) for m in block.modules())
     if not factorized or not steps or cfg.refine_passes == 0:  # a block kept dense is not tuned
         return {"first_loss": float("nan"), "last_loss": float("nan"), "steps": 0}
-    # fp32 for the optimizer state and updates, even in a bf16 block; every tensor gets its dtype back
-    param_state = {n: (p.dtype, p.requires_grad) for n, p in block.named_parameters()}
-    buffer_dtypes = {n: b.dtype for n, b in block.named_buffers()}
-    block.float()
-    balance_factors(block)
-    block.requires_grad_(False)  # gradients only for factors and norms
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = _adamw(parameter_groups(block, cfg), cfg)
     total = cfg.refine_passes * len(steps)
     losses = []
     step = 0
-    with torch.enable_grad():
+    with trained_in_fp32(block, params), torch.enable_grad():
+        balance_factors(block)
+        optimizer = adamw(parameter_groups(block, cfg), cfg)
         for _ in range(cfg.refine_passes):
             pass_loss = 0.0
             for b, part in steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, total, cfg)
                 x = inputs[b][part].to(device).float()
                 out = run_block(block, x, _float_kwargs(slice_kwargs(kwargs[b], inputs[b].shape[0], part)), device)
                 loss = torch.nn.functional.mse_loss(out, targets[b][part].to(device).float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if distributed.active():
-                    for p in params:
-                        if p.grad is None:  # every rank must join every all-reduce
-                            p.grad = torch.zeros_like(p)
-                        distributed.all_reduce_sum_(p.grad)
-                        p.grad /= distributed.world_size()
-                torch.nn.utils.clip_grad_norm_(params, cfg.refine_clip)
-                optimizer.step()
-                pass_loss += float(loss.detach())
+                pass_loss += optimizer_step(optimizer, params, loss, cfg, learning_rate(step, total, cfg),
+                                            average_over_ranks=True)
                 step += 1
             losses.append(pass_loss / len(steps))
-    for name, p in block.named_parameters():
-        dtype, flag = param_state[name]
-        p.grad = None
-        p.data = p.data.to(dtype)
-        p.requires_grad_(flag)
-    for name, b in list(block.named_buffers()):
-        owner, _, leaf = name.rpartition(".")
-        (block.get_submodule(owner) if owner else block)._buffers[leaf] = b.to(buffer_dtypes[name])
     return {"first_loss": losses[0], "last_loss": losses[-1], "steps": step}

@@ -24,8 +24,9 @@ LOCK_FILE = ".lock"
 SAMPLES_PER_FILE = 64
 SAMPLE_BYTES = 64 * 1024
 SAMPLES_PER_TENSOR = 4096
-# settings that change where data lives or what is reported, never a factor
-NOT_IN_FINGERPRINT = ("offload", "max_memory", "track_error")
+# settings that never change a block file: where data lives, what is reported, and distillation (it runs
+# after the last block file is written, and again on a resume)
+NOT_IN_FINGERPRINT = ("offload", "max_memory", "track_error", "distill_passes", "distill_lr")
 
 
 class WorkDirBusy(ValueError):

@@ -313,12 +313,13 @@ def test_fwsvd_through_the_cli(tiny_checkpoint, tmp_path):
     assert cfg["method"] == "fwsvd" and len(cfg["ranks"]) == 14
 
 
-def test_best_preset_composes_svd_llm_and_refinement(tiny_checkpoint, tmp_path):
+def test_best_preset_composes_svd_llm_refinement_and_distillation(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     assert run_cli(*_compress_args(tiny_checkpoint, out, "--method", "best", "--ratio", 0.3, "--fidelity-samples", 0,
                                    "--refine-passes", 2, "--json", tmp_path / "r.json")) == 0
     record = json.loads((tmp_path / "r.json").read_text())[0]
     assert record["method"] == "best" and record["stage_seconds"]["refine"] > 0
+    assert record["distill"]["steps"] == 4 and record["stage_seconds"]["distill"] > 0  # one pass, a step per window
     assert record["compressible_reduction"] == pytest.approx(0.3, abs=0.03)
     _, cfg = checkpoint.load(str(out))
     assert cfg["method"] == "svd-llm"  # svd-llm's closed form, then refined

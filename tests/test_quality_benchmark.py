@@ -35,7 +35,7 @@ def test_row_names_give_method_search_refinement_and_allocation():
     preset, row = job.PRESETS["best"], _row(quality, "best")
     assert (row.preset, row.method, row.refine, row.rank_alloc) == ("best", preset["method"], preset["refine"],
                                                                     preset["rank_alloc"])
-    assert {k: getattr(row, k) for k in preset["refine_options"]} == preset["refine_options"]
+    assert {k: getattr(row, k) for k in preset["tuning"]} == preset["tuning"]
     assert (row.calibration, row.nsamples, row.seqlen, row.eval_sets) == ("c4", 64, 512, ("wikitext2", "c4", "c4-select"))
     with pytest.raises(ValueError, match="unknown modifier"):
         _row(quality, "svd-llm+finetune")
@@ -238,24 +238,32 @@ def test_row_label_overrides_apply_after_the_preset():
 
 def test_ablation_rows_have_their_own_table(tmp_path):
     """Rows named in ABLATION at its ratio go to the ablation table, '@' variants only there; each says
-    whether the current code measured it."""
+    whether the current code measured it, and which ingredients it has."""
     quality = _quality()
     rec = lambda m, ppl, **kw: {"method": m, "ratio": 0.4, "wikitext2_ppl": ppl, "c4_ppl": ppl / 2,  # noqa: E731
                                 "compress_seconds": 1.0, "protocol": quality.PROTOCOL, "device": "cpu", **kw}
-    records = [rec("aa-svd", 576.0), rec("best", 205.0, refine_passes=3, track_error=True, start="svd-llm",
-                                                **{"c4-select_ppl": 61.5}),
-               rec("best@method=aa-svd", 300.0, refine_passes=3, track_error=True, start="aa-svd",
-                   **{"c4-select_ppl": 70.25})]
+    records = [rec("aa-svd", 576.0), rec("best", 150.0, refine_passes=3, track_error=True, start="svd-llm",
+                                                distill_passes=1, **{"c4-select_ppl": 55.5}),
+               rec("best@distill_passes=0", 205.0, refine_passes=3, track_error=True, start="svd-llm",
+                   **{"c4-select_ppl": 61.5}),
+               rec("best@method=aa-svd@distill_passes=0", 300.0, refine_passes=3, track_error=True, start="aa-svd",
+                   **{"c4-select_ppl": 70.25}),
+               rec("best@refine_passes=1", 160.0, refine_passes=1, track_error=True, start="svd-llm")]
     args = _protocol_args(out_dir=str(tmp_path), protocol=quality.PROTOCOL, plot_methods="best")
     quality.write_outputs(args, records)
     md = (tmp_path / "quality.md").read_text()
     main, rest = md.split("## Ablation")
     ablation, starts = rest.split("## `best`'s starting point")
-    assert "| best@method=aa-svd |" not in main and "| best@method=aa-svd |" in ablation
+    assert "| best@distill_passes=0 |" not in main and "| best@distill_passes=0 |" in ablation
     rows = {line.split("|")[1].strip(): line for line in ablation.splitlines() if line.startswith("| ")}
     assert "older" in rows["aa-svd"] and "current" in rows["best"] and "per-window" in rows["best"]
-    assert "61.50" in rows["best"]  # the selection perplexity
+    assert "55.50" in rows["best"] and "61.50" in rows["best@distill_passes=0"]  # the selection perplexities
+    cells = lambda row: [c.strip() for c in row.split("|")]  # noqa: E731
+    assert cells(rows["best"])[4] == "1 pass, lr 1e-4" and cells(rows["best@distill_passes=0"])[4] == "off"
+    assert "1 pass" in cells(rows["best@refine_passes=1"])[3]  # a label that sets the passes has its row
     starts = {line.split("|")[1].strip(): line for line in starts.splitlines() if line.startswith("| ")}
-    assert set(starts) == {"method", "best", "best@method=aa-svd"}
-    assert "| svd-llm |" in starts["best"] and "| aa-svd |" in starts["best@method=aa-svd"] and "70.25" in starts["best@method=aa-svd"]
+    assert set(starts) == {"method", "best@distill_passes=0", "best@method=aa-svd@distill_passes=0"}
+    assert "| svd-llm |" in starts["best@distill_passes=0"]
+    assert "| aa-svd |" in starts["best@method=aa-svd@distill_passes=0"]
+    assert "70.25" in starts["best@method=aa-svd@distill_passes=0"]
 

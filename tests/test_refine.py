@@ -135,7 +135,7 @@ def test_fused_adamw_takes_the_reference_steps():
     fused = [torch.nn.Parameter(torch.randn(37, 5)), torch.nn.Parameter(torch.randn(11))]
     plain = [torch.nn.Parameter(p.detach().clone()) for p in fused]
     start = [p.detach().clone() for p in fused]
-    opt = refine._adamw(fused, cfg)
+    opt = refine.adamw(fused, cfg)
     assert opt.defaults.get("fused")
     ref = torch.optim.AdamW(plain, lr=cfg.refine_lr, weight_decay=cfg.refine_weight_decay)
     for _ in range(5):
