@@ -41,16 +41,26 @@ def device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
+
+
 def check_memory(dense_params: int, vocab_size: int, seqlen: int, cfg: CompressionConfig) -> None:
     """Refuse, before any compression work, a distillation whose two whole models cannot fit the device
     (its --max-memory budget, else what is free on it now)."""
     need = memory_needed(dense_params, vocab_size, seqlen, max(1, cfg.refine_micro_batch or 1))
     kind = torch.device(cfg.device).type
-    budget = (parse_budget(cfg.max_memory, cfg.device) if cfg.max_memory else {}).get(kind) or device_memory(cfg.device)
+    budget = (parse_budget(cfg.max_memory, cfg.device) if cfg.max_memory else {}).get(kind)
+    limit = f"--max-memory allows {_size(budget)} on {kind}" if budget else None
+    if budget is None:
+        budget = device_memory(cfg.device)
+        limit = f"{kind} has {_size(budget)} free"
     if need > budget:
-        raise MemoryBudgetError(f"distillation holds the dense and the compressed model whole: about {need / 2**30:.1f} "
-                                f"GiB, but {kind} has {budget / 2**30:.1f} GiB; pass --distill-passes 0 (the block "
-                                "stages stream one block at a time)")
+        raise MemoryBudgetError(f"distillation holds the dense and the compressed model whole: about {_size(need)}, "
+                                f"but {limit}; pass --distill-passes 0 (the block stages stream one block at a time)")
 
 
 def kl_to_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -132,4 +132,5 @@ def test_a_distillation_that_cannot_fit_is_refused_before_any_work(tiny_checkpoi
     assert _compress(tiny_checkpoint, out, "--distill-passes", 1, "--max-memory", "100KiB") != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert "distillation holds the dense and the compressed model whole" in err[-1] and "--distill-passes 0" in err[-1]
+    assert "--max-memory allows 100.0 KiB on cpu" in err[-1]
     assert not out.exists() and not os.path.exists(str(out) + ".partial")
