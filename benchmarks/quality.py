@@ -403,7 +403,9 @@ def write_outputs(args, records: list) -> None:
 
     def label(r):  # rows refined for other than --refine-passes passes say how many
         passes = r.get("refine_passes")
-        return r["method"] if passes in (None, args.refine_passes) else f"{r['method']} ({passes} passes)"
+        if passes in (None, args.refine_passes):
+            return r["method"]
+        return f"{r['method']} ({passes} pass{'' if passes == 1 else 'es'})"
 
     pairs = side_by_side(records, getattr(args, "peer_runs", None) or [])
     if pairs:
