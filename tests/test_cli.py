@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from lowrank_engine import checkpoint, cli
+from lowrank_engine import checkpoint, cli, job
 
 
 def run_cli(*argv):
@@ -319,15 +319,14 @@ def test_best_preset_composes_svd_llm_refinement_and_distillation(tiny_checkpoin
                                    "--refine-passes", 2, "--json", tmp_path / "r.json")) == 0
     record = json.loads((tmp_path / "r.json").read_text())[0]
     assert record["method"] == "best" and record["stage_seconds"]["refine"] > 0
-    assert record["distill"]["steps"] == 4 and record["stage_seconds"]["distill"] > 0  # one pass, a step per window
+    passes = job.PRESETS["best"]["tuning"]["distill_passes"]
+    assert record["distill"]["steps"] == 4 * passes and record["stage_seconds"]["distill"] > 0  # a step per window
     assert record["compressible_reduction"] == pytest.approx(0.3, abs=0.03)
     _, cfg = checkpoint.load(str(out))
     assert cfg["method"] == "svd-llm"  # svd-llm's closed form, then refined
 
 
 def test_a_preset_fills_refinement_settings_the_job_leaves_unset():
-    from lowrank_engine import job
-
     spec = job.expand_preset(job.JobSpec(model="m", method="best", refine_lr=5e-4, refine_passes=7))
     assert spec.method == "svd-llm" and spec.preset == "best"
     assert (spec.refine, spec.refine_micro_batch, spec.refine_lr, spec.refine_passes) == (True, 1, 5e-4, 7)
@@ -336,22 +335,20 @@ def test_a_preset_fills_refinement_settings_the_job_leaves_unset():
     # a setting the user gave wins even at its default value (the CLI passes the flags it was given)
     given = job.expand_preset(job.JobSpec(model="m", method="best", refine_lr=1e-4, rank_alloc="waterfill"),
                               explicit={"method", "refine_lr", "rank_alloc"})
-    assert (given.refine_lr, given.rank_alloc, given.refine_passes) == (1e-4, "waterfill", 3)
+    assert (given.refine_lr, given.rank_alloc) == (1e-4, "waterfill")
+    assert given.refine_passes == job.PRESETS["best"]["tuning"]["refine_passes"]
 
 
 def test_the_cli_passes_the_settings_it_was_given_to_the_preset():
-    from lowrank_engine import job
-
     args = cli.build_parser().parse_args(["compress", "--method", "best", "--refine-lr", "1e-4", "--quiet"])
     spec, explicit = cli.compress_spec(args)
     assert explicit == {"method", "refine_lr", "progress"}
     expanded = job.expand_preset(spec, explicit)
-    assert expanded.refine_lr == 1e-4 and expanded.refine_passes == 3 and expanded.refine_micro_batch == 1
+    assert expanded.refine_lr == 1e-4 and expanded.refine_micro_batch == 1
+    assert expanded.refine_passes == job.PRESETS["best"]["tuning"]["refine_passes"]
 
 
 def test_refining_on_a_small_or_short_calibration_set_warns():
-    from lowrank_engine import job
-
     def warning(**kw):
         return job.refinement_warning(job.expand_preset(job.JobSpec(model="m", **kw)))
 
@@ -365,8 +362,6 @@ def test_refining_on_a_small_or_short_calibration_set_warns():
 def test_compress_seconds_count_rank_allocation_and_the_fisher_pass(tiny_checkpoint, tmp_path, monkeypatch):
     """compress_seconds are what the user waits for from the start of compression to the last factor."""
     import time
-
-    from lowrank_engine import job
 
     allocate = job.allocate_ranks
 

@@ -142,7 +142,8 @@ def test_a_rows_job_is_a_jobspec_of_the_protocol(tmp_path):
         **PROTOCOL_SPEC, method="aa-svd", ratio=0.2, refine=True, refine_passes=3, rank_alloc="waterfill")
     best = quality.row_spec(_protocol_args(refine_passes=25), "best", 0.4)  # --refine-passes is for +refine rows
     assert best == job.expand_preset(job.JobSpec(**PROTOCOL_SPEC, method="best", ratio=0.4))
-    assert (best.method, best.preset, best.refine, best.refine_passes) == ("svd-llm", "best", True, 3)
+    assert (best.method, best.preset, best.refine) == ("svd-llm", "best", True)
+    assert best.refine_passes == job.PRESETS["best"]["tuning"]["refine_passes"] != 25
     memory = quality.row_spec(args, "svd-llm", 0.4, output=str(tmp_path / "ckpt"))
     assert memory == job.JobSpec(**{**PROTOCOL_SPEC, "save": True, "eval_sets": ()}, output=str(tmp_path / "ckpt"),
                                  method="svd-llm", ratio=0.4)
@@ -239,31 +240,37 @@ def test_row_label_overrides_apply_after_the_preset():
 def test_ablation_rows_have_their_own_table(tmp_path):
     """Rows named in ABLATION at its ratio go to the ablation table, '@' variants only there; each says
     whether the current code measured it, and which ingredients it has."""
+    from lowrank_engine import job
+
     quality = _quality()
+    tuning = job.PRESETS["best"]["tuning"]
     rec = lambda m, ppl, **kw: {"method": m, "ratio": 0.4, "wikitext2_ppl": ppl, "c4_ppl": ppl / 2,  # noqa: E731
                                 "compress_seconds": 1.0, "protocol": quality.PROTOCOL, "device": "cpu", **kw}
-    records = [rec("aa-svd", 576.0), rec("best", 150.0, refine_passes=3, track_error=True, start="svd-llm",
-                                                distill_passes=1, **{"c4-select_ppl": 55.5}),
-               rec("best@distill_passes=0", 205.0, refine_passes=3, track_error=True, start="svd-llm",
-                   **{"c4-select_ppl": 61.5}),
-               rec("best@method=aa-svd@distill_passes=0", 300.0, refine_passes=3, track_error=True, start="aa-svd",
-                   **{"c4-select_ppl": 70.25}),
-               rec("best@refine_passes=1", 160.0, refine_passes=1, track_error=True, start="svd-llm")]
+    three, aa_three = "best@refine_passes=3@distill_passes=0", "best@method=aa-svd@refine_passes=3@distill_passes=0"
+    records = [rec("aa-svd", 576.0),
+               rec("best", 150.0, refine_passes=tuning["refine_passes"], track_error=True, start="svd-llm",
+                   distill_passes=tuning["distill_passes"], **{"c4-select_ppl": 55.5}),
+               rec("best@distill_passes=0", 190.0, refine_passes=tuning["refine_passes"], track_error=True,
+                   start="svd-llm", **{"c4-select_ppl": 60.75}),
+               rec(three, 205.0, refine_passes=3, track_error=True, start="svd-llm", **{"c4-select_ppl": 61.5}),
+               rec(aa_three, 300.0, refine_passes=3, track_error=True, start="aa-svd", **{"c4-select_ppl": 70.25}),
+               rec("best@refine_passes=1@distill_passes=1", 160.0, refine_passes=1, track_error=True,
+                   start="svd-llm")]
     args = _protocol_args(out_dir=str(tmp_path), protocol=quality.PROTOCOL, plot_methods="best")
     quality.write_outputs(args, records)
     md = (tmp_path / "quality.md").read_text()
     main, rest = md.split("## Ablation")
     ablation, starts = rest.split("## `best`'s starting point")
-    assert "| best@distill_passes=0 |" not in main and "| best@distill_passes=0 |" in ablation
+    assert f"| {three} |" not in main and f"| {three} |" in ablation
     rows = {line.split("|")[1].strip(): line for line in ablation.splitlines() if line.startswith("| ")}
     assert "older" in rows["aa-svd"] and "current" in rows["best"] and "per-window" in rows["best"]
-    assert "55.50" in rows["best"] and "61.50" in rows["best@distill_passes=0"]  # the selection perplexities
+    assert "55.50" in rows["best"] and "60.75" in rows["best@distill_passes=0"] and "61.50" in rows[three]
     cells = lambda row: [c.strip() for c in row.split("|")]  # noqa: E731
-    assert cells(rows["best"])[4] == "1 pass, lr 1e-4" and cells(rows["best@distill_passes=0"])[4] == "off"
-    assert "1 pass" in cells(rows["best@refine_passes=1"])[3]  # a label that sets the passes has its row
+    assert cells(rows["best"])[4] == quality._BEST_DISTILL
+    assert quality._BEST_DISTILL.startswith(f"{tuning['distill_passes']} passes, lr ")
+    assert cells(rows["best@distill_passes=0"])[4] == "off"
+    assert f"{tuning['refine_passes']} passes" in cells(rows["best"])[3] and "3 passes" in cells(rows[three])[3]
+    assert "1 pass" in cells(rows["best@refine_passes=1@distill_passes=1"])[3]  # a label that sets the passes
     starts = {line.split("|")[1].strip(): line for line in starts.splitlines() if line.startswith("| ")}
-    assert set(starts) == {"method", "best@distill_passes=0", "best@method=aa-svd@distill_passes=0"}
-    assert "| svd-llm |" in starts["best@distill_passes=0"]
-    assert "| aa-svd |" in starts["best@method=aa-svd@distill_passes=0"]
-    assert "70.25" in starts["best@method=aa-svd@distill_passes=0"]
-
+    assert set(starts) == {"method", three, aa_three}
+    assert "| svd-llm |" in starts[three] and "| aa-svd |" in starts[aa_three] and "70.25" in starts[aa_three]
