@@ -313,11 +313,11 @@ def error_report(record: dict) -> str | None:
 
 
 def ablation_rows(flat: list) -> list:
-    """The ablation table's rows that were measured (3 refinement passes where refined, unless the label
-    sets them)."""
+    """The ablation table's rows that were measured: +refine rows with the peer's 3 refinement passes, a
+    preset's rows with the passes the preset or their label sets."""
     rows = []
     for name, anchored, refinement, distillation in ABLATION:
-        for r in flat:  # a preset's rows refine as the preset or their label says; +refine rows 3 passes
+        for r in flat:
             passes_ok = r.get("refine_passes") in (None, 3) or name.partition("@")[0] in job.PRESETS
             if r["method"] == name and abs(r["ratio"] - ABLATION_RATIO) < 1e-9 and passes_ok:
                 rows.append({**r, "anchored": anchored, "refinement": refinement, "distillation": distillation})
@@ -365,7 +365,7 @@ def write_outputs(args, records: list) -> None:
           "peer_compress_seconds come from another 2-core machine (the side-by-side table below times the peer's "
           "code on the engine's machine). saes:fixed = ACES fixed-subspace β. "
           f"best = the `best` preset (svd-llm, then refinement with one step per window at lr 1e-3, "
-          f"{_BEST['refine_passes']} passes, then {_BEST_DISTILL.replace(', lr', ' of model distillation at lr')}); "
+          f"{_BEST['refine_passes']} passes, then model distillation: {_BEST_DISTILL}); "
           "best@field=value rows are it with those settings changed (best@distill_passes=0: without "
           "distillation; best@method=aa-svd: started from aa-svd). "
           "Every row runs through the job code of `lowrank-engine compress` (job.run_job) with the per-block error "
