@@ -45,28 +45,33 @@ DEFAULT_METHODS = "svd,asvd,fwsvd,svd-llm,shift-aware,aa-svd,aa-svd+refine,erc-s
 
 MODIFIERS = ("refine", "waterfill")
 # The ingredients of `best`, each on and off at ABLATION_RATIO:
-# (row label, anchored objective, block refinement, model distillation). Rows that vary `best` name every
-# setting they change, so a label means the same composition whatever the preset holds now.
+# (row label, anchored objective, rank allocation, block refinement, model distillation). Rows that vary `best`
+# name every setting they change, so a label means the same composition whatever the preset holds now.
 ABLATION_RATIO = 0.4
 PER_WINDOW = "per-window steps, lr 1e-3"
 _BEST = job.preset_fields("best")
 _BEST_REFINE = f"{PER_WINDOW}, {_BEST['refine_passes']} passes"
 _BEST_DISTILL = f"{_BEST['distill_passes']} passes, lr {_BEST['distill_lr']:.0e}".replace("e-0", "e-")  # 1e-4
+_BEST_RANKS = _BEST["rank_alloc"]
+_UNIFORM = "@rank_alloc=uniform"
 ABLATION = (
-    ("svd-llm", "off", "off", "off"),
-    ("svd-llm@distill_passes=1", "off", "off", "1 pass, lr 1e-4"),
-    ("aa-svd", "on", "off", "off"),
-    ("aa-svd+refine", "on", "published: one step per 8-window batch, lr 1e-4", "off"),
-    ("best@method=aa-svd@refine_passes=3@distill_passes=0", "on", PER_WINDOW + ", 3 passes", "off"),
-    ("best@refine_passes=3@distill_passes=0", "off", PER_WINDOW + ", 3 passes", "off"),
-    ("best@refine_passes=1@distill_passes=1", "off", PER_WINDOW + ", 1 pass", "1 pass, lr 1e-4"),
-    ("best@refine_passes=3@distill_passes=1", "off", PER_WINDOW + ", 3 passes", "1 pass, lr 1e-4"),
-    ("best@distill_passes=0", "off", _BEST_REFINE, "off"),
-    ("best", "off", _BEST_REFINE, _BEST_DISTILL),
+    ("svd-llm", "off", "uniform", "off", "off"),
+    ("svd-llm@distill_passes=1", "off", "uniform", "off", "1 pass, lr 1e-4"),
+    ("aa-svd", "on", "uniform", "off", "off"),
+    ("aa-svd+refine", "on", "uniform", "published: one step per 8-window batch, lr 1e-4", "off"),
+    ("best@method=aa-svd@refine_passes=3@distill_passes=0" + _UNIFORM, "on", "uniform", PER_WINDOW + ", 3 passes", "off"),
+    ("best@refine_passes=3@distill_passes=0" + _UNIFORM, "off", "uniform", PER_WINDOW + ", 3 passes", "off"),
+    ("best@refine_passes=1@distill_passes=1" + _UNIFORM, "off", "uniform", PER_WINDOW + ", 1 pass", "1 pass, lr 1e-4"),
+    ("best@refine_passes=3@distill_passes=1" + _UNIFORM, "off", "uniform", PER_WINDOW + ", 3 passes", "1 pass, lr 1e-4"),
+    ("best@distill_passes=0" + _UNIFORM, "off", "uniform", _BEST_REFINE, "off"),
+    ("best" + _UNIFORM, "off", "uniform", _BEST_REFINE, _BEST_DISTILL),
+    ("best@refine_passes=3@distill_passes=0", "off", _BEST_RANKS, PER_WINDOW + ", 3 passes", "off"),
+    ("best", "off", _BEST_RANKS, _BEST_REFINE, _BEST_DISTILL),
 )
 # the starts of refinement compared at each ratio on the selection windows (job.PRESETS["best"]'s method),
-# with 3 refinement passes and no distillation
-START_CHOICE = ("best@refine_passes=3@distill_passes=0", "best@method=aa-svd@refine_passes=3@distill_passes=0")
+# with 3 refinement passes, no distillation and uniform ranks
+START_CHOICE = ("best@refine_passes=3@distill_passes=0" + _UNIFORM,
+                "best@method=aa-svd@refine_passes=3@distill_passes=0" + _UNIFORM)
 QUICK_BLOCKS = 8  # --quick keeps SmolLM2's first 8 blocks: the per-linear solves, not the tokens, set its time
 
 
@@ -316,11 +321,12 @@ def ablation_rows(flat: list) -> list:
     """The ablation table's rows that were measured: +refine rows with the peer's 3 refinement passes, a
     preset's rows with the passes the preset or their label sets."""
     rows = []
-    for name, anchored, refinement, distillation in ABLATION:
+    for name, anchored, ranks, refinement, distillation in ABLATION:
         for r in flat:
             passes_ok = r.get("refine_passes") in (None, 3) or name.partition("@")[0] in job.PRESETS
             if r["method"] == name and abs(r["ratio"] - ABLATION_RATIO) < 1e-9 and passes_ok:
-                rows.append({**r, "anchored": anchored, "refinement": refinement, "distillation": distillation})
+                rows.append({**r, "anchored": anchored, "ranks": ranks, "refinement": refinement,
+                             "distillation": distillation})
     return rows
 
 
@@ -364,10 +370,11 @@ def write_outputs(args, records: list) -> None:
           "peer_* columns: the published AA-SVD code on the same protocol, as the issue quotes it; its "
           "peer_compress_seconds come from another 2-core machine (the side-by-side table below times the peer's "
           "code on the engine's machine). saes:fixed = ACES fixed-subspace β. "
-          f"best = the `best` preset (svd-llm, then refinement with one step per window at lr 1e-3, "
-          f"{_BEST['refine_passes']} passes, then model distillation: {_BEST_DISTILL}); "
+          f"best = the `best` preset (svd-llm with {_BEST_RANKS} ranks, then refinement with one step per window "
+          f"at lr 1e-3, {_BEST['refine_passes']} passes, then model distillation: {_BEST_DISTILL}); "
           "best@field=value rows are it with those settings changed (best@distill_passes=0: without "
-          "distillation; best@method=aa-svd: started from aa-svd). "
+          "distillation; best@method=aa-svd: started from aa-svd; best@rank_alloc=uniform: the same ratio in "
+          "every matrix). "
           "Every row runs through the job code of `lowrank-engine compress` (job.run_job) with the per-block error "
           "report on, since the plot below needs it. compress_seconds are what a user waits for from the start of "
           "compression to the last factor: rank allocation, FWSVD's Fisher pass and the error report included "
@@ -388,11 +395,12 @@ def write_outputs(args, records: list) -> None:
     if ablation:
         md += [f"## Ablation of `best` at ratio {ABLATION_RATIO}", "",
                "Each ingredient of `best` on and off: the anchored objective (aa-svd's ‖WX − W'X'‖ against svd-llm's "
-               "‖WX − W'X‖), block refinement (the published schedule, 3 passes, against `best`'s per-window steps, passes as the row says) and "
+               "‖WX − W'X‖), rank allocation (uniform: the ratio in every matrix; type-waterfill: one rank per "
+               "matrix type shared by every block, water-filled by the dense whitened spectra), block refinement (the published schedule, 3 passes, against `best`'s per-window steps, passes as the row says) and "
                "model distillation (KL to the dense model's next-token distribution on the calibration windows, "
                "after the last block). code: current = measured on the code of this table's latest rows; older = an "
                "earlier engine version, kept because it was not re-run.", "",
-               format_table(ablation, ("method", "anchored", "refinement", "distillation", "selection_ppl",
+               format_table(ablation, ("method", "anchored", "ranks", "refinement", "distillation", "selection_ppl",
                                        "wikitext2_ppl", "c4_ppl",
                                        "compress_seconds", "error_report", "code")
                             + (("device",) if len({r.get("device") for r in ablation}) > 1 else ()), markdown=True), ""]

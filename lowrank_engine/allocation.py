@@ -31,31 +31,46 @@ def kept_budget(shapes: dict[str, tuple[int, int]], ratio: float) -> int:
 
 
 def waterfill(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float,
-              min_rank: int = 1) -> dict[str, int]:
-    """Greedy water-filling of ranks by normalized truncation-loss gain per parameter."""
+              min_rank: int = 1, groups: Optional[dict[str, str]] = None) -> dict[str, int]:
+    """Greedy water-filling of ranks by normalized truncation-loss gain per parameter.
+
+    `groups` maps each name to a group whose matrices share one rank (one rank unit of a group costs the
+    sum of its members' m+n and gains the sum of their normalized σ²); without it every matrix is its own
+    group."""
     budget = kept_budget(shapes, ratio)
+    members: dict[str, list[str]] = {}
+    for name in shapes:
+        members.setdefault(groups[name] if groups else name, []).append(name)
     ranks, heap = {}, []
-    for name, (m, n) in shapes.items():
-        s2 = spectra[name].double().pow(2)
-        total = float(s2.sum()) or 1.0
-        ranks[name] = min_rank
-        budget -= min_rank * (m + n)
-        gains = (s2 / total).tolist()
-        cap = min(solvers.break_even_rank(m, n) - 1, min(m, n) - 1, len(gains))
+    for group, names in members.items():
+        cost = sum(m + n for m, n in (shapes[name] for name in names))
+        gains = [0.0] * max(len(spectra[name]) for name in names)
+        for name in names:
+            s2 = spectra[name].double().pow(2)
+            for i, g in enumerate((s2 / (float(s2.sum()) or 1.0)).tolist()):
+                gains[i] += g
+        cap = min(min(solvers.break_even_rank(m, n) - 1, min(m, n) - 1, len(spectra[name]))
+                  for name, (m, n) in ((name, shapes[name]) for name in names))
+        ranks[group] = min_rank
+        budget -= min_rank * cost
         if min_rank < cap:
-            heapq.heappush(heap, (-gains[min_rank] / (m + n), name, gains, cap))
+            heapq.heappush(heap, (-gains[min_rank] / cost, group, gains, cap, cost))
     if budget < 0:
         raise ValueError(f"ratio {ratio} leaves less than rank {min_rank} per matrix")
     while heap:
-        _, name, gains, cap = heapq.heappop(heap)
-        m, n = shapes[name]
-        if m + n > budget:
-            continue  # too wide for what is left; narrower matrices may still fit
-        budget -= m + n
-        ranks[name] += 1
-        if ranks[name] < cap:
-            heapq.heappush(heap, (-gains[ranks[name]] / (m + n), name, gains, cap))
-    return ranks
+        _, group, gains, cap, cost = heapq.heappop(heap)
+        if cost > budget:
+            continue  # too wide for what is left; narrower groups may still fit
+        budget -= cost
+        ranks[group] += 1
+        if ranks[group] < cap:
+            heapq.heappush(heap, (-gains[ranks[group]] / cost, group, gains, cap, cost))
+    return {name: ranks[group] for group, names in members.items() for name in names}
+
+
+def matrix_types(block_shapes: list[dict[str, tuple[int, int]]], blocks_name: str) -> dict[str, str]:
+    """Each full module name → its name inside the block ('self_attn.q_proj'): the same linear of every block."""
+    return {name: name[len(f"{blocks_name}.{i}."):] for i, b in enumerate(block_shapes) for name in b}
 
 
 def _tail_ratio(block_shapes: list[dict[str, tuple[int, int]]], ratio: float, k: int) -> float:
@@ -137,11 +152,15 @@ def dense_spectra(path: str, input_ids: torch.Tensor, device: str = "cpu", batch
     return pipeline.Compressor(source, cfg, progress=progress, keep_spectra=True).run(input_ids).spectra
 
 
-def waterfill_from_model(path: str, source, input_ids: torch.Tensor, ratio: float, **run_options) -> dict[str, int]:
+def waterfill_from_model(path: str, source, input_ids: torch.Tensor, ratio: float, by_type: bool = False,
+                         **run_options) -> dict[str, int]:
     """The water-filled rank map of a checkpoint: its dense spectra (one streamed pass with
-    `run_options`, see dense_spectra), then waterfill over every linear of `source`."""
+    `run_options`, see dense_spectra), then waterfill over every linear of `source`; `by_type`: one rank per
+    matrix type, shared by every block."""
     spectra = dense_spectra(path, input_ids, **run_options)
-    return waterfill(spectra, {k: v for b in model_shapes(source) for k, v in b.items()}, ratio)
+    block_shapes = model_shapes(source)
+    groups = matrix_types(block_shapes, source.blocks_name) if by_type else None
+    return waterfill(spectra, {k: v for b in block_shapes for k, v in b.items()}, ratio, groups=groups)
 
 
 def kept_parameters(ranks: dict[str, Optional[int]], shapes: dict[str, tuple[int, int]]) -> int:

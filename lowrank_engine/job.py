@@ -24,7 +24,7 @@ logger = logging.getLogger("lowrank_engine")
 SUMMARY_COLUMNS = ("method", "ratio", "compressible_params", "compressible_reduction", "model_params",
                    "model_reduction", "wikitext2_ppl", "c4_ppl", "kl", "top1_agreement", "compress_seconds",
                    "peak_rss_mb")
-RANK_ALLOCATIONS = ("uniform", "waterfill", "last-layers")
+RANK_ALLOCATIONS = ("uniform", "waterfill", "type-waterfill", "last-layers")
 EVAL_WINDOWS = {"wikitext2": 128, "c4": 64, data.SELECTION_SET: 16}  # windows per perplexity set (DESIGN §4)
 
 
@@ -49,7 +49,8 @@ class JobSpec(config.CompressionConfig):
     model: str = setting(models.DEFAULT_MODEL, "'smollm2-135m' (embedded default), a local HF checkpoint "
                                                "directory, or a hub id")
     rank_alloc: str = setting("uniform", "how the ratio is spread: the same ratio per matrix; water-filling by the "
-                                         "dense whitened spectra (one extra statistics pass); or ResSVD's last-layers "
+                                         "dense whitened spectra (one extra statistics pass), per matrix or with one rank "
+                                         "per matrix type shared by every block (type-waterfill); or ResSVD's last-layers "
                                          "rule (--last-layers K, or searched)", choices=RANK_ALLOCATIONS)
     last_layers: Optional[int] = setting(None, "with --rank-alloc last-layers: compress only the last K blocks, "
                                                "harder, at the same overall ratio; without it, K is searched: a few "
@@ -100,8 +101,15 @@ class JobSpec(config.CompressionConfig):
 # 3 passes) the last block's relative output error was 0.0805 (published settings), 0.0734 (per-window
 # steps), 0.0639 (lr 3e-4), 0.0579 (lr 1e-3), 0.0568 (lr 3e-3); SAES as the starting point gave 0.0581
 # for a costlier solve. Three passes of per-window steps are 192 steps on 64 windows, about the
-# published 25 passes of 8-window batches (200 steps), at an eighth of the compute. Water-filled ranks
-# were measured worse at ratio 0.4 (551.5 / 269.6 against 447.1 / 222.2 uniform), so ranks stay uniform.
+# published 25 passes of 8-window batches (200 steps), at an eighth of the compute. Ranks: water-filling
+# every matrix on its own was measured worse at ratio 0.4 (551.5 / 269.6 against 447.1 / 222.2 uniform,
+# aa-svd + 3 published refinement passes); one rank per matrix type shared by every block (type-waterfill)
+# survives refinement. The dense whitened spectra put SmolLM2's q/k/gate tails far below v/up/down (0.014 /
+# 0.014 / 0.059 against 0.16 / 0.12 / 0.12 of the energy at the uniform rank, 0.4), and water-filling by
+# type moves rank from q and gate to k, v, o, up and down. With 3 refinement passes and no distillation at
+# 0.4, the selection perplexity was 88.87 uniform, 81.34 type-waterfill (84.23 halfway), 85.80 for q/k at
+# 1.5× the ratio; by depth, more rank for the first blocks hurt (103.41, ratios 0.2 → 0.6 over depth) and more
+# for the last ones helped less (86.45, 0.52 → 0.28).
 # Distillation then trains the whole model on the KL to the dense model's next-token distribution; on the
 # refined 0.4 model (a prototype of this stage, without weight decay) the selection perplexity after one
 # pass was 73.23 / 72.83 / 81.98 at peak lr 3e-5 / 1e-4 / 3e-4 (88.87 before). More steps, not a higher lr:
@@ -109,7 +117,7 @@ class JobSpec(config.CompressionConfig):
 # also training the tied embeddings and head gave nothing (71.62 against 71.25 after two of three passes).
 # Six refinement passes instead of three took the 0.4 model before distillation from 88.87 to 80.71.
 PRESETS = {
-    "best": {"method": "svd-llm", "rank_alloc": "uniform", "refine": True,
+    "best": {"method": "svd-llm", "rank_alloc": "type-waterfill", "refine": True,
              "tuning": {"refine_passes": 6, "refine_micro_batch": 1, "refine_lr": 1e-3,
                         "distill_passes": 3, "distill_lr": 1e-4}},
 }
@@ -153,7 +161,8 @@ def allocate_ranks(spec: JobSpec, path: str, source, input_ids) -> dict:
             if spec.progress:
                 print(f"[last-layers] chose k={k} of {sorted(errors)}", flush=True)
         return allocation.last_layers(allocation.model_shapes(source), spec.ratio, k)
-    return allocation.waterfill_from_model(path, source, input_ids, spec.ratio, device=spec.device,
+    return allocation.waterfill_from_model(path, source, input_ids, spec.ratio,
+                                           by_type=spec.rank_alloc == "type-waterfill", device=spec.device,
                                            batch_size=spec.batch_size, trust_remote_code=spec.trust_remote_code,
                                            progress=spec.progress, offload=spec.offload, solve_dtype=spec.solve_dtype,
                                            compute_dtype=spec.compute_dtype, max_memory=spec.max_memory)

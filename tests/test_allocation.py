@@ -42,6 +42,33 @@ def test_waterfill_is_optimal_against_single_unit_moves():
                 assert loss(moved) >= best - 1e-12
 
 
+def test_grouped_waterfill_shares_one_rank_and_is_optimal_between_groups():
+    shapes = {f"b{i}.{t}": shape for i in range(3) for t, shape in (("q", (30, 30)), ("v", (12, 48)), ("up", (45, 15)))}
+    generator = torch.Generator().manual_seed(3)
+    spectra = {name: torch.sort(torch.rand(min(shape), generator=generator, dtype=torch.float64) ** (4 if ".q" in name else 1),
+                                descending=True).values for name, shape in shapes.items()}
+    groups = {name: name.split(".")[1] for name in shapes}
+    ranks = allocation.waterfill(spectra, shapes, 0.5, groups=groups)
+    shared = {t: {ranks[name] for name in shapes if groups[name] == t} for t in ("q", "v", "up")}
+    assert all(len(r) == 1 for r in shared.values())
+    budget = allocation.kept_budget(shapes, 0.5)
+    cost = {t: sum(m + n for name, (m, n) in shapes.items() if groups[name] == t) for t in shared}
+    assert allocation.kept_parameters(ranks, shapes) <= budget
+    assert budget - allocation.kept_parameters(ranks, shapes) < max(cost.values())  # within one unit of a group
+
+    def loss(type_ranks):
+        return sum(float((spectra[name][type_ranks[groups[name]]:] ** 2).sum() / (spectra[name] ** 2).sum())
+                   for name in shapes)
+
+    chosen = {t: r.pop() for t, r in shared.items()}
+    for src in chosen:  # equal unit costs (m+n = 60 in every group), so greedy is exact: no rank unit moved from one type to another (within the budget) lowers the loss
+        for dst in chosen:
+            moved = dict(chosen, **{src: chosen[src] - 1, dst: chosen[dst] + 1})
+            fits = sum(moved[t] * cost[t] for t in cost) <= budget
+            if src != dst and chosen[src] > 1 and fits:
+                assert loss(moved) >= loss(chosen) - 1e-12
+
+
 def test_last_layers_keeps_the_first_blocks_dense_and_meets_the_ratio():
     model = tiny_model("llama", layers=4)
     name, blocks = find_decoder_blocks(model)

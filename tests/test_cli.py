@@ -279,7 +279,8 @@ def test_info(capsys):
     assert "ops backend: auto" in text and "CUDA tensors: covariance and low-rank linear ->" in text
 
 
-@pytest.mark.parametrize("alloc", [["--rank-alloc", "waterfill"], ["--rank-alloc", "last-layers", "--last-layers", 1],
+@pytest.mark.parametrize("alloc", [["--rank-alloc", "waterfill"], ["--rank-alloc", "type-waterfill"],
+                                   ["--rank-alloc", "last-layers", "--last-layers", 1],
                                    ["--rank-alloc", "last-layers"]])
 def test_rank_allocations_meet_the_ratio(tiny_checkpoint, tmp_path, alloc):
     out = tmp_path / "out"
@@ -295,6 +296,11 @@ def test_rank_allocations_meet_the_ratio(tiny_checkpoint, tmp_path, alloc):
             assert compressed == [1]
     else:
         assert len(set(cfg["ranks"].values())) > 2  # not uniform
+    if "type-waterfill" in alloc:  # one rank per matrix type, the same in every block
+        by_type = {}
+        for name, rank in cfg["ranks"].items():
+            by_type.setdefault(name.split(".layers.")[1].split(".", 1)[1], set()).add(rank)
+        assert len(by_type) == 7 and all(len(ranks) == 1 for ranks in by_type.values())
 
 
 def test_refine_flags_reach_the_pipeline(tiny_checkpoint, tmp_path):

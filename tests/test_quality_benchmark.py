@@ -246,16 +246,20 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     tuning = job.PRESETS["best"]["tuning"]
     rec = lambda m, ppl, **kw: {"method": m, "ratio": 0.4, "wikitext2_ppl": ppl, "c4_ppl": ppl / 2,  # noqa: E731
                                 "compress_seconds": 1.0, "protocol": quality.PROTOCOL, "device": "cpu", **kw}
-    three, aa_three = "best@refine_passes=3@distill_passes=0", "best@method=aa-svd@refine_passes=3@distill_passes=0"
+    uniform = quality._UNIFORM  # the rows measured before `best` allocated ranks by type
+    three, aa_three = ("best@refine_passes=3@distill_passes=0" + uniform,
+                       "best@method=aa-svd@refine_passes=3@distill_passes=0" + uniform)
+    no_distill, one_pass = "best@distill_passes=0" + uniform, "best@refine_passes=1@distill_passes=1" + uniform
     records = [rec("aa-svd", 576.0),
                rec("best", 150.0, refine_passes=tuning["refine_passes"], track_error=True, start="svd-llm",
                    distill_passes=tuning["distill_passes"], **{"c4-select_ppl": 55.5}),
-               rec("best@distill_passes=0", 190.0, refine_passes=tuning["refine_passes"], track_error=True,
+               rec("best" + uniform, 170.0, refine_passes=tuning["refine_passes"], track_error=True, start="svd-llm",
+                   distill_passes=tuning["distill_passes"], **{"c4-select_ppl": 58.25}),
+               rec(no_distill, 190.0, refine_passes=tuning["refine_passes"], track_error=True,
                    start="svd-llm", **{"c4-select_ppl": 60.75}),
                rec(three, 205.0, refine_passes=3, track_error=True, start="svd-llm", **{"c4-select_ppl": 61.5}),
                rec(aa_three, 300.0, refine_passes=3, track_error=True, start="aa-svd", **{"c4-select_ppl": 70.25}),
-               rec("best@refine_passes=1@distill_passes=1", 160.0, refine_passes=1, track_error=True,
-                   start="svd-llm")]
+               rec(one_pass, 160.0, refine_passes=1, track_error=True, start="svd-llm")]
     args = _protocol_args(out_dir=str(tmp_path), protocol=quality.PROTOCOL, plot_methods="best")
     quality.write_outputs(args, records)
     md = (tmp_path / "quality.md").read_text()
@@ -264,13 +268,15 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     assert f"| {three} |" not in main and f"| {three} |" in ablation
     rows = {line.split("|")[1].strip(): line for line in ablation.splitlines() if line.startswith("| ")}
     assert "older" in rows["aa-svd"] and "current" in rows["best"] and "per-window" in rows["best"]
-    assert "55.50" in rows["best"] and "60.75" in rows["best@distill_passes=0"] and "61.50" in rows[three]
+    assert "55.50" in rows["best"] and "60.75" in rows[no_distill] and "61.50" in rows[three]
     cells = lambda row: [c.strip() for c in row.split("|")]  # noqa: E731
-    assert cells(rows["best"])[4] == quality._BEST_DISTILL
+    assert cells(rows["best"])[3] == job.PRESETS["best"]["rank_alloc"] and cells(rows["best" + uniform])[3] == "uniform"
+    assert "58.25" in rows["best" + uniform]
+    assert cells(rows["best"])[5] == quality._BEST_DISTILL
     assert quality._BEST_DISTILL.startswith(f"{tuning['distill_passes']} passes, lr ")
-    assert cells(rows["best@distill_passes=0"])[4] == "off"
-    assert f"{tuning['refine_passes']} passes" in cells(rows["best"])[3] and "3 passes" in cells(rows[three])[3]
-    assert "1 pass" in cells(rows["best@refine_passes=1@distill_passes=1"])[3]  # a label that sets the passes
+    assert cells(rows[no_distill])[5] == "off"
+    assert f"{tuning['refine_passes']} passes" in cells(rows["best"])[4] and "3 passes" in cells(rows[three])[4]
+    assert "1 pass" in cells(rows[one_pass])[4]  # a label that sets the passes
     starts = {line.split("|")[1].strip(): line for line in starts.splitlines() if line.startswith("| ")}
     assert set(starts) == {"method", three, aa_three}
     assert "| svd-llm |" in starts[three] and "| aa-svd |" in starts[aa_three] and "70.25" in starts[aa_three]
