@@ -7,6 +7,9 @@
   cost of m+n parameters. The gains of one layer never increase, so the greedy choice by gain per
   parameter solves the fractional relaxation exactly; with unequal costs m+n the integer result
   is within one rank unit per matrix of it.
+- `waterfill(..., groups=matrix_types(...))` (type-waterfill, `best`): the same greedy with one rank per
+  matrix type shared by every block; a unit costs and gains the sum over the group. Moving budget between
+  types and not depths is what survived refinement on SmolLM2 (README, the `best` preset).
 - `last_layers` (ResSVD): keep the first N−k blocks dense and compress the last k blocks at the
   ratio that removes the same number of parameters in total. `search_last_layers` picks k by the
   calibration error: it compresses with a few feasible k on a slice of the calibration windows and
