@@ -142,7 +142,7 @@ def write_table(args) -> None:
             f"in-memory model, stock task definitions, data from $LOWRANK_ENGINE_DATA/zeroshot), 0-shot, "
             f"{limit}. Compression on the DESIGN §4 protocol ({PROTOCOL}: SmolLM2-135M-Instruct fp32, C4 "
             f"{args.nsamples}×{args.seqlen} calibration, seed {args.seed}; uniform ranks except `best`'s "
-            f"{quality.job.PRESETS['best']['rank_alloc']} allocation, and @field=value labels change that field). CPU: {cpu}. "
+            f"{quality._BEST_RANKS} allocation, and @field=value labels change that field). CPU: {cpu}. "
             f"`acc_norm` is `-` where the task defines none.\n\n"
             + (f"Not scored yet: {', '.join(missing)}.\n\n" if missing else ""))
     seconds = sorted({r["score_seconds"] for r in records if r.get("score_seconds") is not None})

@@ -46,14 +46,14 @@ def waterfill(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int
         members.setdefault(groups[name] if groups else name, []).append(name)
     ranks, heap = {}, []
     for group, names in members.items():
-        cost = sum(m + n for m, n in (shapes[name] for name in names))
-        gains = [0.0] * max(len(spectra[name]) for name in names)
+        cost = sum(sum(shapes[name]) for name in names)
+        summed = torch.zeros(max(len(spectra[name]) for name in names), dtype=torch.float64)
         for name in names:
             s2 = spectra[name].double().pow(2)
-            for i, g in enumerate((s2 / (float(s2.sum()) or 1.0)).tolist()):
-                gains[i] += g
-        cap = min(min(solvers.break_even_rank(m, n) - 1, min(m, n) - 1, len(spectra[name]))
-                  for name, (m, n) in ((name, shapes[name]) for name in names))
+            summed[:len(s2)] += s2 / (float(s2.sum()) or 1.0)
+        gains = summed.tolist()
+        cap = min(min(solvers.break_even_rank(*shapes[name]), min(shapes[name])) - 1 for name in names)
+        cap = min(cap, min(len(spectra[name]) for name in names))
         ranks[group] = min_rank
         budget -= min_rank * cost
         if min_rank < cap:
