@@ -6,11 +6,12 @@
 //
 // CPU: one LAPACK syevd per matrix, called through ATen's exported wrapper
 // at::native::lapackSyevd (the same driver torch.linalg.eigh uses on CPU), in place in the
-// output buffer, so a matrix costs one symmetrized copy and no temporaries. A batch is spread
-// over ATen's intra-op threads (one matrix per thread, LAPACK single-threaded inside the
-// parallel region); a single large matrix (n >= kLapackThreadsMinN), or a few large ones on a
-// machine with more threads than matrices, runs on the calling thread and LAPACK uses all
-// threads, unless the machine is oversubscribed (see machine_oversubscribed).
+// output buffer, so a matrix costs one symmetrized copy and no temporaries. Every matrix is
+// solved on the calling thread, one after another: LAPACK uses all intra-op threads for a large
+// matrix (n >= kLapackThreadsMinN) and one thread for a small one or on an oversubscribed
+// machine (see machine_oversubscribed). Never inside an at::parallel_for region: MKL's syevd
+// called there on two threads returned wrong factors for n >= 640 (‖L Lᵀ − H‖ / ‖H‖ from 0.5 to
+// Inf; n = 576 was right), which is how a loaded machine once got garbage ranks.
 //
 // The GIL: ops called through torch.ops.* from Python run with the GIL released by the
 // dispatcher's Python binding (torch/csrc/jit/python/pybind_utils: invokeOperatorFromPython
@@ -35,6 +36,12 @@
 #include <sstream>
 #include <type_traits>
 #include <vector>
+
+#if AT_MKL_ENABLED()
+// MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lowercase symbol
+// exported beside it is the Fortran one, which takes a pointer), exported by libtorch_cpu
+extern "C" int MKL_Set_Num_Threads_Local(int);
+#endif
 
 namespace lowrank_engine {
 
@@ -67,10 +74,6 @@ void throw_whiten_error(int64_t index, int32_t code) {
 
 namespace {
 
-// Up to this size a batch of two or more matrices is always spread over threads (one matrix
-// each); above it, only when there are at least as many matrices as threads, since LAPACK
-// parallelizes one large syevd well.
-constexpr int64_t kBatchParallelMaxN = 1024;
 // Below this size LAPACK runs single-threaded even for a single matrix: a multithreaded syevd
 // gains little there, and on a loaded machine its thread synchronization costs far more than
 // the solve (measured: n = 256 took 3 ms on one thread and up to 2.6 s on two busy cores).
@@ -80,7 +83,7 @@ constexpr int64_t kLapackThreadsMinN = 512;
 // count (1-minute load average). Then a multithreaded syevd is pathological, most likely because
 // each of its many fine-grained barriers waits for a descheduled thread (measured on
 // a 2-core machine at load 3.5: n = 1536 took 12-26 s with LAPACK on two threads, 0.39 s on
-// one). A single matrix then runs LAPACK on one thread.
+// one). LAPACK then runs on one thread.
 bool machine_oversubscribed() {
 #if defined(__linux__) || defined(__APPLE__)
   double load = 0.0;
@@ -88,6 +91,15 @@ bool machine_oversubscribed() {
 #endif
   return false;
 }
+
+// LAPACK on one thread for the guard's scope. MKL's setting is thread-local, so calls from other
+// threads are unaffected; a build without MKL keeps its LAPACK's own threading.
+struct OneLapackThread {
+#if AT_MKL_ENABLED()
+  int saved = MKL_Set_Num_Threads_Local(1);  // the previous local setting (0: the global one)
+  ~OneLapackThread() { MKL_Set_Num_Threads_Local(saved); }
+#endif
+};
 
 constexpr int64_t kTile = 32;
 
@@ -250,25 +262,18 @@ void whiten_cpu_typed(const at::Tensor& H, double eps_rel, const Outputs& out, i
   const T* h = H.const_data_ptr<T>();
   const char* force = std::getenv("LOWRANK_ENGINE_WHITEN_FORCE_RETRY");  // test hook
   const bool force_retry = force != nullptr && force[0] == '1';
-  auto range = [&](int64_t begin, int64_t end) {
-    Solver<T> solver;
-    solver.force_retry = force_retry;
-    for (int64_t i = begin; i < end; ++i) status[i] = solver.run(h, n, eps_rel, i, out);
+  Solver<T> solver;
+  solver.force_retry = force_retry;
+  auto solve_all = [&] {
+    for (int64_t i = 0; i < b; ++i) status[i] = solver.run(h, n, eps_rel, i, out);
   };
-  // Inside an active at::parallel_for region (an OpenMP team of two or more threads) LAPACK
-  // stays single-threaded, so the region is used both to spread a batch and to keep a small or
-  // oversubscribed single matrix on one thread. at::parallel_for runs a single iteration inline
-  // (no team), hence at least two iterations.
-  const bool batch_parallel = b > 1 && (n <= kBatchParallelMaxN || b >= at::get_num_threads());
-  const bool single_threaded_lapack =
-      !batch_parallel && at::get_num_threads() > 1 && (n < kLapackThreadsMinN || machine_oversubscribed());
-  if (at::in_parallel_region() || !(batch_parallel || single_threaded_lapack)) {
-    range(0, b);
+  const bool one_thread = at::get_num_threads() > 1 && !at::in_parallel_region() &&
+                          (n < kLapackThreadsMinN || machine_oversubscribed());
+  if (one_thread) {
+    OneLapackThread guard;
+    solve_all();
   } else {
-    at::parallel_for(0, std::max<int64_t>(b, 2), 1, [&](int64_t begin, int64_t end) {
-      end = std::min(end, b);
-      if (begin < end) range(begin, end);
-    });
+    solve_all();
   }
 }
 

@@ -339,11 +339,17 @@ def test_fp64_retry_path(monkeypatch):
         torch.ops.lowrank_engine.whiten_ex(H, EPS)
 
 
-@pytest.mark.parametrize("batch,n", [(1, 520), (2, 300)])
+@pytest.mark.parametrize("batch,n", [(1, 520), (2, 300), (2, 700), (1, 1100)])
 def test_threading_paths(batch, n):
-    """A single matrix above the size where LAPACK may use all threads, and a small batch."""
-    H = outlier_channels(batch, n, torch.float32)
-    out = _ext(H)
+    """On two intra-op threads: a single matrix above the size where LAPACK may use all threads, small
+    batches, and n ≥ 640, where MKL's syevd inside an at::parallel_for region returned wrong factors."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        H = outlier_channels(batch, n, torch.float32)
+        out = _ext(H)
+    finally:
+        torch.set_num_threads(threads)
     check_same(out, _ref(H), H)
     assert all(bool(torch.isfinite(t).all()) for t in out[:4])
 
@@ -437,8 +443,8 @@ def test_opcheck(name, dtype):
 
 
 def test_batch_threads_and_gil_released():
-    """A batch is solved on the intra-op threads with the GIL released: another Python thread
-    keeps running while the op works, and the batched results match one-by-one calls."""
+    """A batch is solved with the GIL released: another Python thread keeps running while the op
+    works, and the batched results match one-by-one calls."""
     _need_ext()
     H = random_spd(16, 256, torch.float32)
     expected = [torch.ops.lowrank_engine.whiten_ex(H[i:i + 1], EPS) for i in range(H.shape[0])]
