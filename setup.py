@@ -43,10 +43,11 @@ def _nvcc_found(cuda_home):
 
 
 def _openmp_flags():
-    """at::parallel_for is inlined from ATen's OpenMP header, so the extension needs OpenMP."""
+    """at::get_num_threads / at::in_parallel_region are inlined from ATen's OpenMP header, so the extension
+    needs OpenMP."""
     if sys.platform == "win32":
         return ["/openmp"], []
-    if sys.platform == "darwin":  # Apple clang has no -fopenmp; at::parallel_for then runs serially
+    if sys.platform == "darwin":  # Apple clang has no -fopenmp; ATen's threading is then serial
         return [], []
     return ["-fopenmp"], ["-fopenmp"]
 
