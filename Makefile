@@ -25,10 +25,10 @@ $(STAMP): $(LOCK) pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/python -c "from lowrank_engine import ops; print('whitening extension:', ops.extension_info())"
 	touch $(STAMP)
 
-# best with 3 refinement passes and no distillation: the measured ~10 minutes on 2 cores (README, Quick start);
+# best with 2 refinement passes and no distillation: the measured ~11 minutes on 2 cores (README, Quick start);
 # distillation on sampled calibration text was no better (top-1 0.5225 against 0.532) for 17 minutes
 quickstart: venv
-	$(BIN)/lowrank-engine compress --refine-passes 3 --distill-passes 0
+	$(BIN)/lowrank-engine compress --refine-passes 2 --distill-passes 0
 
 test: venv serve-venv
 	$(BIN)/python -m pytest -q tests
