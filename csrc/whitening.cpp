@@ -37,7 +37,7 @@
 #include <type_traits>
 #include <vector>
 
-#if AT_MKL_ENABLED()
+#if AT_MKL_ENABLED() && !defined(_WIN32)
 // MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lowercase symbol
 // exported beside it is the Fortran one, which takes a pointer), exported by libtorch_cpu
 extern "C" int MKL_Set_Num_Threads_Local(int);
@@ -93,9 +93,10 @@ bool machine_oversubscribed() {
 }
 
 // LAPACK on one thread for the guard's scope. MKL's setting is thread-local, so calls from other
-// threads are unaffected; a build without MKL keeps its LAPACK's own threading.
+// threads are unaffected. Without MKL, or on Windows (whose torch_cpu does not export the setter to
+// extensions), LAPACK keeps its own threading: slower on a loaded machine, never wrong.
 struct OneLapackThread {
-#if AT_MKL_ENABLED()
+#if AT_MKL_ENABLED() && !defined(_WIN32)
   int saved = MKL_Set_Num_Threads_Local(1);  // the previous local setting (0: the global one)
   ~OneLapackThread() { MKL_Set_Num_Threads_Local(saved); }
 #endif
