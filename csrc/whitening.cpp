@@ -33,6 +33,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <optional>
 #include <sstream>
 #include <type_traits>
 #include <vector>
@@ -265,17 +266,11 @@ void whiten_cpu_typed(const at::Tensor& H, double eps_rel, const Outputs& out, i
   const bool force_retry = force != nullptr && force[0] == '1';
   Solver<T> solver;
   solver.force_retry = force_retry;
-  auto solve_all = [&] {
-    for (int64_t i = 0; i < b; ++i) status[i] = solver.run(h, n, eps_rel, i, out);
-  };
-  const bool one_thread = at::get_num_threads() > 1 && !at::in_parallel_region() &&
-                          (n < kLapackThreadsMinN || machine_oversubscribed());
-  if (one_thread) {
-    OneLapackThread guard;
-    solve_all();
-  } else {
-    solve_all();
-  }
+  std::optional<OneLapackThread> one_thread;
+  if (at::get_num_threads() > 1 && !at::in_parallel_region() &&
+      (n < kLapackThreadsMinN || machine_oversubscribed()))
+    one_thread.emplace();
+  for (int64_t i = 0; i < b; ++i) status[i] = solver.run(h, n, eps_rel, i, out);
 }
 
 }  // namespace

@@ -43,8 +43,8 @@ class JobSpec(config.CompressionConfig):
     cli_title = "job settings"  # the CLI's heading of these flags (not a field)
 
     # The quick start compresses with `best` on 64×512 self-sampled tokens: the smallest calibration on which
-    # refinement was measured to help (REFINE_MIN_TOKENS); 10 min 40 s for SmolLM2 on a 2-core Intel Xeon VM
-    # with uniform ranks, sampling included; 12 min 51 s with the preset's type-waterfill ranks (README, quick start).
+    # refinement was measured to help (REFINE_MIN_TOKENS); with 2 refinement passes (the Makefile's quickstart)
+    # 11 min 0 s for SmolLM2 on a 2-core Intel Xeon VM, sampling included (README, quick start).
     method: str = config.redefault(config.CompressionConfig, "method", "best")
     model: str = setting(models.DEFAULT_MODEL, "'smollm2-135m' (embedded default), a local HF checkpoint "
                                                "directory, or a hub id")

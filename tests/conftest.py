@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # Triton kernels run on the CPU through the interpreter; this must precede any kernel import.
@@ -17,6 +18,17 @@ def devices():
     """Parameters for a device argument: "cpu", and "cuda" marked `gpu` (benchmarks/device_suite.py runs
     `pytest -m gpu` on a lent GPU) and skipped where no GPU is present."""
     return ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """torch's intra-op thread count inside the block, restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.fixture(autouse=True)

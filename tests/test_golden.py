@@ -20,6 +20,8 @@ import sys
 import pytest
 import torch
 
+from conftest import intra_op_threads
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORD = os.path.join(HERE, "golden", "factors.json")
 
@@ -67,13 +69,9 @@ def compute(name: str, work_dir: str) -> dict:
     model = architectures.tiny_model(kind, seed=0)
     ids = torch.randint(0, model.config.vocab_size, (SAMPLES, TOKENS), generator=torch.Generator().manual_seed(3))
     cfg = pipeline.CompressionConfig(ratio=RATIO, batch_size=BATCH, **fields)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a reduction split over threads may round differently
-    try:
+    with intra_op_threads(1):  # a reduction split over threads may round differently
         result = pipeline.compress_model(model, ids, cfg, work_dir=work_dir if fields.get("offload") == "disk" else None,
                                          progress=False)
-    finally:
-        torch.set_num_threads(threads)
     hashes, projections = {}, {}
     for module_name, module in model.named_modules():
         if isinstance(module, LowRankLinear):

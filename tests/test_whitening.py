@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from lowrank_engine import ops
 
-from conftest import needs_cuda
+from conftest import intra_op_threads, needs_cuda
 
 EPS = 1e-6
 REQUIRE_EXT = os.environ.get("LOWRANK_ENGINE_REQUIRE_EXT", "0") == "1"
@@ -343,13 +343,9 @@ def test_fp64_retry_path(monkeypatch):
 def test_threading_paths(batch, n):
     """On two intra-op threads: a single matrix above the size where LAPACK may use all threads, small
     batches, and n ≥ 640, where MKL's syevd inside an at::parallel_for region returned wrong factors."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        H = outlier_channels(batch, n, torch.float32)
+    H = outlier_channels(batch, n, torch.float32)
+    with intra_op_threads(2):
         out = _ext(H)
-    finally:
-        torch.set_num_threads(threads)
     check_same(out, _ref(H), H)
     assert all(bool(torch.isfinite(t).all()) for t in out[:4])
 
