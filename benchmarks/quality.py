@@ -65,7 +65,7 @@ ABLATION = (
     ("best@refine_passes=3@distill_passes=1" + _UNIFORM, "off", "uniform", PER_WINDOW + ", 3 passes", "1 pass, lr 1e-4"),
     ("best@distill_passes=0" + _UNIFORM, "off", "uniform", _BEST_REFINE, "off"),
     ("best" + _UNIFORM, "off", "uniform", _BEST_REFINE, _BEST_DISTILL),
-    ("best@refine_passes=3@distill_passes=0", "off", _BEST_RANKS, PER_WINDOW + ", 3 passes", "off"),
+    ("best@rank_alloc=type-waterfill", "off", "type-waterfill", _BEST_REFINE, _BEST_DISTILL),
     ("best", "off", _BEST_RANKS, _BEST_REFINE, _BEST_DISTILL),
 )
 # the starts of refinement compared at each ratio on the selection windows (job.PRESETS["best"]'s method),
@@ -374,7 +374,7 @@ def write_outputs(args, records: list) -> None:
           f"at lr 1e-3, {_BEST['refine_passes']} passes, then model distillation: {_BEST_DISTILL}); "
           "best@field=value rows are it with those settings changed (best@distill_passes=0: without "
           "distillation; best@method=aa-svd: started from aa-svd; best@rank_alloc=uniform: the same ratio in "
-          "every matrix). "
+          "every matrix; best@rank_alloc=type-waterfill: no type kept dense). "
           "Every row runs through the job code of `lowrank-engine compress` (job.run_job) with the per-block error "
           "report on, since the plot below needs it. compress_seconds are what a user waits for from the start of "
           "compression to the last factor: rank allocation, FWSVD's Fisher pass and the error report included "
@@ -396,7 +396,8 @@ def write_outputs(args, records: list) -> None:
         md += [f"## Ablation of `best` at ratio {ABLATION_RATIO}", "",
                "Each ingredient of `best` on and off: the anchored objective (aa-svd's ‖WX − W'X'‖ against svd-llm's "
                "‖WX − W'X‖), rank allocation (uniform: the ratio in every matrix; type-waterfill: one rank per "
-               "matrix type shared by every block, water-filled by the dense whitened spectra), block refinement (the published schedule, 3 passes, against `best`'s per-window steps, passes as the row says) and "
+               "matrix type shared by every block, water-filled by the dense whitened spectra; type-waterfill-dense: "
+               "the same, where a whole type may also stay dense), block refinement (the published schedule, 3 passes, against `best`'s per-window steps, passes as the row says) and "
                "model distillation (KL to the dense model's next-token distribution on the calibration windows, "
                "after the last block). code: current = measured on the code of this table's latest rows; older = an "
                "earlier engine version, kept because it was not re-run.", "",

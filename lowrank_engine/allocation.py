@@ -7,9 +7,14 @@
   cost of m+n parameters. The gains of one layer never increase, so the greedy choice by gain per
   parameter solves the fractional relaxation exactly; with unequal costs m+n the integer result
   is within one rank unit per matrix of it.
-- `waterfill(..., groups=matrix_types(...))` (type-waterfill, `best`): the same greedy with one rank per
+- `waterfill(..., groups=matrix_types(...))` (type-waterfill): the same greedy with one rank per
   matrix type shared by every block; a unit costs and gains the sum over the group. Moving budget between
   types and not depths is what survived refinement on SmolLM2 (README, the `best` preset).
+- `waterfill(..., allow_dense=True)` (type-waterfill-dense, `best`): a group may also stay dense. Near
+  break-even rank a factor pair stores almost as much as W yet still loses the spectrum's tail, so storing
+  W whole can be the cheaper way to keep a type exact: every subset of groups is tried dense, the rest are
+  water-filled with the budget left, and the smallest total normalized loss wins (exact over the subsets,
+  2^groups of them: meant for the few matrix types of a block).
 - `last_layers` (ResSVD): keep the first N−k blocks dense and compress the last k blocks at the
   ratio that removes the same number of parameters in total. `search_last_layers` picks k by the
   calibration error: it compresses with a few feasible k on a slice of the calibration windows and
@@ -18,6 +23,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from typing import Optional
 
@@ -33,42 +39,78 @@ def kept_budget(shapes: dict[str, tuple[int, int]], ratio: float) -> int:
     return math.floor((1.0 - ratio) * sum(m * n for m, n in shapes.values()))
 
 
+MAX_DENSE_GROUPS = 12  # allow_dense tries 2^groups subsets
+
+
 def waterfill(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float,
-              min_rank: int = 1, groups: Optional[dict[str, str]] = None) -> dict[str, int]:
+              min_rank: int = 1, groups: Optional[dict[str, str]] = None,
+              allow_dense: bool = False) -> dict[str, Optional[int]]:
     """Greedy water-filling of ranks by normalized truncation-loss gain per parameter.
 
     `groups` maps each name to a group whose matrices share one rank (one rank unit of a group costs the
     sum of its members' m+n and gains the sum of their normalized σ²); without it every matrix is its own
-    group."""
+    group. `allow_dense`: a group may instead keep its matrices dense (rank None), chosen over every subset
+    of groups by the total normalized loss that is left."""
     budget = kept_budget(shapes, ratio)
     members: dict[str, list[str]] = {}
     for name in shapes:
         members.setdefault(groups[name] if groups else name, []).append(name)
+    units = {group: _rank_units(names, spectra, shapes) for group, names in members.items()}
+    ranks = _fill(units, budget, min_rank)
+    if ranks is None:
+        raise ValueError(f"ratio {ratio} leaves less than rank {min_rank} per matrix")
+    if allow_dense:
+        if len(members) > MAX_DENSE_GROUPS:
+            raise ValueError(f"a dense choice per group tries 2^groups subsets: at most {MAX_DENSE_GROUPS} groups, "
+                             f"got {len(members)} (group the matrices by type)")
+        best_loss = _loss(units, ranks)
+        for count in range(1, len(members)):
+            for dense in itertools.combinations(members, count):
+                rest = {group: u for group, u in units.items() if group not in dense}
+                filled = _fill(rest, budget - sum(units[group][3] for group in dense), min_rank)
+                if filled is not None and _loss(rest, filled) < best_loss:
+                    best_loss, ranks = _loss(rest, filled), {**filled, **{group: None for group in dense}}
+    return {name: ranks[group] for group, names in members.items() for name in names}
+
+
+def _rank_units(names: list[str], spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> tuple:
+    """(gain of each rank unit, largest rank below break-even, parameters per unit, parameters kept dense) of
+    a group of matrices sharing one rank."""
+    cost = sum(sum(shapes[name]) for name in names)
+    summed = torch.zeros(max(len(spectra[name]) for name in names), dtype=torch.float64)
+    for name in names:
+        s2 = spectra[name].double().pow(2)
+        summed[:len(s2)] += s2 / (float(s2.sum()) or 1.0)
+    cap = min(min(solvers.break_even_rank(*shapes[name]), min(shapes[name])) - 1 for name in names)
+    cap = min(cap, min(len(spectra[name]) for name in names))
+    return summed.tolist(), cap, cost, sum(shapes[name][0] * shapes[name][1] for name in names)
+
+
+def _fill(units: dict[str, tuple], budget: int, min_rank: int) -> Optional[dict[str, int]]:
+    """The greedy ranks of `units`' groups within `budget` parameters; None if min_rank does not fit."""
     ranks, heap = {}, []
-    for group, names in members.items():
-        cost = sum(sum(shapes[name]) for name in names)
-        summed = torch.zeros(max(len(spectra[name]) for name in names), dtype=torch.float64)
-        for name in names:
-            s2 = spectra[name].double().pow(2)
-            summed[:len(s2)] += s2 / (float(s2.sum()) or 1.0)
-        gains = summed.tolist()
-        cap = min(min(solvers.break_even_rank(*shapes[name]), min(shapes[name])) - 1 for name in names)
-        cap = min(cap, min(len(spectra[name]) for name in names))
+    for group, (gains, cap, cost, _) in units.items():
         ranks[group] = min_rank
         budget -= min_rank * cost
         if min_rank < cap:
-            heapq.heappush(heap, (-gains[min_rank] / cost, group, gains, cap, cost))
+            heapq.heappush(heap, (-gains[min_rank] / cost, group))
     if budget < 0:
-        raise ValueError(f"ratio {ratio} leaves less than rank {min_rank} per matrix")
+        return None
     while heap:
-        _, group, gains, cap, cost = heapq.heappop(heap)
+        _, group = heapq.heappop(heap)
+        gains, cap, cost, _ = units[group]
         if cost > budget:
             continue  # too wide for what is left; narrower groups may still fit
         budget -= cost
         ranks[group] += 1
         if ranks[group] < cap:
-            heapq.heappush(heap, (-gains[ranks[group]] / cost, group, gains, cap, cost))
-    return {name: ranks[group] for group, names in members.items() for name in names}
+            heapq.heappush(heap, (-gains[ranks[group]] / cost, group))
+    return ranks
+
+
+def _loss(units: dict[str, tuple], ranks: dict[str, int]) -> float:
+    """Normalized truncation loss left at `ranks`: the spectra's tails summed over the groups."""
+    return sum(sum(units[group][0][ranks[group]:]) for group in units)
 
 
 def matrix_types(block_shapes: list[dict[str, tuple[int, int]]], blocks_name: str) -> dict[str, str]:
@@ -156,14 +198,15 @@ def dense_spectra(path: str, input_ids: torch.Tensor, device: str = "cpu", batch
 
 
 def waterfill_from_model(path: str, source, input_ids: torch.Tensor, ratio: float, by_type: bool = False,
-                         **run_options) -> dict[str, int]:
+                         allow_dense: bool = False, **run_options) -> dict[str, Optional[int]]:
     """The water-filled rank map of a checkpoint: its dense spectra (one streamed pass with
     `run_options`, see dense_spectra), then waterfill over every linear of `source`; `by_type`: one rank per
-    matrix type, shared by every block."""
+    matrix type, shared by every block; `allow_dense`: a type may stay dense."""
     spectra = dense_spectra(path, input_ids, **run_options)
     block_shapes = model_shapes(source)
     groups = matrix_types(block_shapes, source.blocks_name) if by_type else None
-    return waterfill(spectra, {k: v for b in block_shapes for k, v in b.items()}, ratio, groups=groups)
+    return waterfill(spectra, {k: v for b in block_shapes for k, v in b.items()}, ratio, groups=groups,
+                     allow_dense=allow_dense)
 
 
 def kept_parameters(ranks: dict[str, Optional[int]], shapes: dict[str, tuple[int, int]]) -> int:

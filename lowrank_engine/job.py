@@ -24,7 +24,7 @@ logger = logging.getLogger("lowrank_engine")
 SUMMARY_COLUMNS = ("method", "ratio", "compressible_params", "compressible_reduction", "model_params",
                    "model_reduction", "wikitext2_ppl", "c4_ppl", "kl", "top1_agreement", "compress_seconds",
                    "peak_rss_mb")
-RANK_ALLOCATIONS = ("uniform", "waterfill", "type-waterfill", "last-layers")
+RANK_ALLOCATIONS = ("uniform", "waterfill", "type-waterfill", "type-waterfill-dense", "last-layers")
 EVAL_WINDOWS = {"wikitext2": 128, "c4": 64, data.SELECTION_SET: 16}  # windows per perplexity set (DESIGN §4)
 
 
@@ -44,14 +44,15 @@ class JobSpec(config.CompressionConfig):
 
     # The quick start compresses with `best` on 64×512 self-sampled tokens: the smallest calibration on which
     # refinement was measured to help (REFINE_MIN_TOKENS); with 2 refinement passes (the Makefile's quickstart)
-    # 11 min 0 s for SmolLM2 on a 2-core Intel Xeon VM, sampling included (README, quick start).
+    # 11 min 1 s for SmolLM2 on a 2-core Intel Xeon VM, sampling included (README, quick start).
     method: str = config.redefault(config.CompressionConfig, "method", "best")
     model: str = setting(models.DEFAULT_MODEL, "'smollm2-135m' (embedded default), a local HF checkpoint "
                                                "directory, or a hub id")
     rank_alloc: str = setting("uniform", "how the ratio is spread: the same ratio per matrix; water-filling by the "
                                          "dense whitened spectra (one extra statistics pass), per matrix or with one rank "
-                                         "per matrix type shared by every block (type-waterfill); or ResSVD's last-layers "
-                                         "rule (--last-layers K, or searched)", choices=RANK_ALLOCATIONS)
+                                         "per matrix type shared by every block (type-waterfill), which may also keep a whole "
+                                         "type dense where that loses less for its parameters (type-waterfill-dense); "
+                                         "or ResSVD's last-layers rule (--last-layers K, or searched)", choices=RANK_ALLOCATIONS)
     last_layers: Optional[int] = setting(None, "with --rank-alloc last-layers: compress only the last K blocks, "
                                                "harder, at the same overall ratio; without it, K is searched: a few "
                                                "feasible K are tried on 8 calibration windows and the one with the "
@@ -116,8 +117,12 @@ class JobSpec(config.CompressionConfig):
 # three passes at 1e-4 (with weight decay) reached 69.14 at 0.4 and 51.38 at 0.2 (one pass: 72.83 / 54.18);
 # also training the tied embeddings and head gave nothing (71.62 against 71.25 after two of three passes).
 # Six refinement passes instead of three took the 0.4 model before distillation from 88.87 to 80.71.
+# Keeping whole types dense (type-waterfill-dense): at 0.2 type-waterfill left up/down at rank 381/388, where
+# a pair stores 91-93% of W and still loses the tail; keeping up, down, o and v dense and cutting q/k/gate to
+# 113/111/191 halves the normalized loss (3.68 against 6.49) and, after 6 refinement passes, took the
+# selection perplexity from 52.08 to 46.72 with 27% less refinement time (935 s against 1282 s).
 PRESETS = {
-    "best": {"method": "svd-llm", "rank_alloc": "type-waterfill", "refine": True,
+    "best": {"method": "svd-llm", "rank_alloc": "type-waterfill-dense", "refine": True,
              "tuning": {"refine_passes": 6, "refine_micro_batch": 1, "refine_lr": 1e-3,
                         "distill_passes": 3, "distill_lr": 1e-4}},
 }
@@ -162,7 +167,8 @@ def allocate_ranks(spec: JobSpec, path: str, source, input_ids) -> dict:
                 print(f"[last-layers] chose k={k} of {sorted(errors)}", flush=True)
         return allocation.last_layers(allocation.model_shapes(source), spec.ratio, k)
     return allocation.waterfill_from_model(path, source, input_ids, spec.ratio,
-                                           by_type=spec.rank_alloc == "type-waterfill", device=spec.device,
+                                           by_type=spec.rank_alloc.startswith("type-waterfill"),
+                                           allow_dense=spec.rank_alloc == "type-waterfill-dense", device=spec.device,
                                            batch_size=spec.batch_size, trust_remote_code=spec.trust_remote_code,
                                            progress=spec.progress, offload=spec.offload, solve_dtype=spec.solve_dtype,
                                            compute_dtype=spec.compute_dtype, max_memory=spec.max_memory)

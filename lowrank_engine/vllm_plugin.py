@@ -11,6 +11,9 @@ Layout of a vLLM layer's factors
   the ranks differ per projection, so the blocks do not stack into one matrix.
 - A fused layer (qkv_proj, gate_up_proj) is one shared shrink x·V followed by one expand per
   projection: `ops.lowrank_linear_grouped`.
+- A fused layer may keep some projections dense (a rank map that stores a projection whole where its
+  factors would cost as much, e.g. v_proj): their rows sit in `weight` (dense rows on this rank, input)
+  and run as one plain GEMM beside the factorized ones.
 
 Tensor parallelism (DESIGN §5)
 - Column-parallel (qkv_proj, gate_up_proj, ...): each rank keeps V whole and its slice of each
@@ -110,24 +113,20 @@ class LowRankConfig(QuantizationConfig):
         if not isinstance(layer, LinearBase):
             return None  # embeddings and the LM head stay dense
         names = self.projection_names(prefix)
-        factorized = [name for name in names if name in self.ranks]
-        if not factorized:
+        if not any(name in self.ranks for name in names):
             return UnquantizedLinearMethod()
-        if len(factorized) != len(names):
-            dense = [name for name in names if name not in self.ranks]
-            raise LowRankCheckpointError(
-                f"vLLM fuses {names} into {prefix}, but the checkpoint factorizes {factorized} and keeps "
-                f"{dense} dense; a fused layer must be all factorized or all dense (compress with a rank "
-                "map that treats them alike)")
-        return LowRankLinearMethod([self.ranks[name] for name in names], names)
+        return LowRankLinearMethod([self.ranks.get(name) for name in names], names)
 
 
 class LowRankLinearMethod(LinearMethodBase):
-    """A (possibly fused) factorized linear: V side by side, one U block per projection."""
+    """A (possibly fused) factorized linear: V side by side, one U block per factorized projection, and the
+    rows of the projections kept dense (rank None) in one weight."""
 
-    def __init__(self, ranks: list[int], names: list[str]):
+    def __init__(self, ranks: list[Optional[int]], names: list[str]):
         self.ranks = ranks
         self.names = names
+        self.factorized = [i for i, k in enumerate(ranks) if k is not None]
+        self.dense = [i for i, k in enumerate(ranks) if k is None]
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -137,20 +136,22 @@ class LowRankLinearMethod(LinearMethodBase):
                 f"{layer.prefix}: vLLM splits this layer into {len(output_partition_sizes)} outputs, "
                 f"the checkpoint names {len(self.ranks)} projections {self.names}")
         row_parallel = isinstance(layer, RowParallelLinear)
-        rank_offsets = [sum(self.ranks[:i]) for i in range(len(self.ranks))]
-        u_sizes = [rows * k for rows, k in zip(output_partition_sizes, self.ranks)]
+        ranks = [k or 0 for k in self.ranks]  # a dense projection takes no columns of V and no U block
+        rank_offsets = [sum(ranks[:i]) for i in range(len(ranks))]
+        u_sizes = [rows * k for rows, k in zip(output_partition_sizes, ranks)]
+        dense_rows = [rows if k is None else 0 for rows, k in zip(output_partition_sizes, self.ranks)]
         layer.lowrank_rows = tuple(output_partition_sizes)  # each projection's output rows on this rank
         layer.lowrank_ranks = tuple(self.ranks)
         layer.lowrank_u_offsets = tuple(sum(u_sizes[:i]) for i in range(len(u_sizes)))
+        layer.lowrank_dense_offsets = tuple(sum(dense_rows[:i]) for i in range(len(dense_rows)))
         layer.lowrank_names = tuple(self.names)
         layer.lowrank_loaded = set()
 
-        V = Parameter(torch.empty(input_size_per_partition, sum(self.ranks), dtype=params_dtype),
-                      requires_grad=False)
+        V = Parameter(torch.empty(input_size_per_partition, sum(ranks), dtype=params_dtype), requires_grad=False)
         U = Parameter(torch.empty(sum(u_sizes), dtype=params_dtype), requires_grad=False)
 
         def load_V(param, loaded, shard_id=None):
-            i = self._projection(layer, shard_id)
+            i = self._projection(layer, shard_id, "V")
             k = self.ranks[i]
             self._check_shape(layer, i, "V", loaded, (input_size, k))
             if input_size_per_partition != input_size:  # row-parallel: each rank multiplies its input slice
@@ -160,7 +161,7 @@ class LowRankLinearMethod(LinearMethodBase):
             layer.lowrank_loaded.add((i, "V"))
 
         def load_U(param, loaded, shard_id=None):
-            i = self._projection(layer, shard_id)
+            i = self._projection(layer, shard_id, "U")
             k, rows = self.ranks[i], output_partition_sizes[i]
             full_rows = output_size if row_parallel else self._full_rows(layer, i)
             self._check_shape(layer, i, "U", loaded, (full_rows, k))
@@ -174,20 +175,47 @@ class LowRankLinearMethod(LinearMethodBase):
         U.weight_loader = load_U
         layer.register_parameter("V", V)
         layer.register_parameter("U", U)
+        if not self.dense:
+            return
+
+        # only a fused (column-parallel) layer gets here: an unfused dense linear runs vLLM's own method
+        weight = Parameter(torch.empty(sum(dense_rows), input_size, dtype=params_dtype), requires_grad=False)
+
+        def load_weight(param, loaded, shard_id=None):
+            i = self._projection(layer, shard_id, "weight")
+            rows = output_partition_sizes[i]
+            full_rows = self._full_rows(layer, i)
+            self._check_shape(layer, i, "weight", loaded, (full_rows, input_size))
+            if rows != full_rows:
+                loaded = loaded.narrow(0, self._shard_index(layer, i) * rows, rows)
+            start = layer.lowrank_dense_offsets[i]
+            param.data[start:start + rows].copy_(loaded)
+            layer.lowrank_loaded.add((i, "weight"))
+
+        weight.weight_loader = load_weight
+        layer.register_parameter("weight", weight)
 
     # -- weight loading --------------------------------------------------------------------
-    def _projection(self, layer, shard_id) -> int:
+    def _projection(self, layer, shard_id, tensor: str) -> int:
+        """The projection a checkpoint tensor (V, U or a dense weight) belongs to, checked against its rank."""
         if shard_id is None:
-            if len(self.ranks) == 1:
-                return 0
+            if len(self.ranks) != 1:
+                raise LowRankCheckpointError(
+                    f"{layer.prefix}: the checkpoint holds this fused layer's {tensor} under one name; a "
+                    f"lowrank checkpoint stores each projection's tensors under its own name {self.names}")
+            i = 0
+        elif isinstance(layer, QKVParallelLinear):
+            i = _QKV_SHARDS[shard_id]
+        elif isinstance(shard_id, int):
+            i = shard_id
+        else:
+            raise LowRankCheckpointError(f"{layer.prefix}: unsupported shard id {shard_id!r} for a factorized layer")
+        if (tensor == "weight") != (self.ranks[i] is None):
+            state = "dense" if self.ranks[i] is None else f"factorized (rank {self.ranks[i]})"
             raise LowRankCheckpointError(
-                f"{layer.prefix}: the checkpoint holds this fused layer's factors under one name; a "
-                f"lowrank checkpoint stores each projection's factors under its own name {self.names}")
-        if isinstance(layer, QKVParallelLinear):
-            return _QKV_SHARDS[shard_id]
-        if isinstance(shard_id, int):
-            return shard_id
-        raise LowRankCheckpointError(f"{layer.prefix}: unsupported shard id {shard_id!r} for a factorized layer")
+                f"{self.names[i]}.{tensor}: config.json's quantization_config has {self.names[i]} {state}; "
+                "the config and the shards do not belong together")
+        return i
 
     @staticmethod
     def _full_rows(layer, i: int) -> int:
@@ -205,24 +233,40 @@ class LowRankLinearMethod(LinearMethodBase):
             return layer.tp_rank // layer.num_kv_head_replicas
         return layer.tp_rank
 
-    def _check_shape(self, layer, i: int, factor: str, loaded: torch.Tensor, expected: tuple) -> None:
+    def _check_shape(self, layer, i: int, tensor: str, loaded: torch.Tensor, expected: tuple) -> None:
         if tuple(loaded.shape) != expected:
+            given = "keeps it dense" if self.ranks[i] is None else f"gives it rank {self.ranks[i]}"
             raise LowRankCheckpointError(
-                f"{self.names[i]}.{factor}: the checkpoint's tensor is {tuple(loaded.shape)}, but config.json's "
-                f"quantization_config gives {self.names[i]} rank {self.ranks[i]}, so {factor} must be {expected}; "
-                "the config and the shards do not belong together")
+                f"{self.names[i]}.{tensor}: the checkpoint's tensor is {tuple(loaded.shape)}, but config.json's "
+                f"quantization_config {given}, so {tensor} must be {expected}; the config and the shards do not "
+                "belong together")
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        missing = [f"{layer.lowrank_names[i]}.{f}" for i in range(len(self.ranks)) for f in ("V", "U")
-                   if (i, f) not in layer.lowrank_loaded]
+        expected = [(i, f) for i in self.factorized for f in ("V", "U")] + [(i, "weight") for i in self.dense]
+        missing = [f"{layer.lowrank_names[i]}.{f}" for i, f in expected if (i, f) not in layer.lowrank_loaded]
         if missing:
-            raise LowRankCheckpointError(f"the checkpoint lacks factors {missing}, which config.json's ranks name")
+            raise LowRankCheckpointError(f"the checkpoint lacks {missing}, which config.json's quantization_config names")
 
     # -- forward -------------------------------------------------------------------------------
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        Us = [layer.U.narrow(0, start, rows * k).view(rows, k)
-              for start, rows, k in zip(layer.lowrank_u_offsets, layer.lowrank_rows, layer.lowrank_ranks)]
-        if len(Us) == 1:
+        rows, ranks = layer.lowrank_rows, layer.lowrank_ranks
+        Us = [layer.U.narrow(0, layer.lowrank_u_offsets[i], rows[i] * ranks[i]).view(rows[i], ranks[i])
+              for i in self.factorized]
+        if len(rows) == 1:
             return ops.lowrank_linear(x, layer.V, Us[0], bias)
-        biases = list(bias.split(list(layer.lowrank_rows))) if bias is not None else None
-        return torch.cat(ops.lowrank_linear_grouped(x, layer.V, Us, biases), dim=-1)
+        biases = list(bias.split(list(rows))) if bias is not None else [None] * len(rows)
+        if not self.dense:
+            return torch.cat(ops.lowrank_linear_grouped(x, layer.V, Us, biases if bias is not None else None), dim=-1)
+        outputs = [None] * len(rows)
+        if len(Us) == 1:
+            i = self.factorized[0]
+            outputs[i] = ops.lowrank_linear(x, layer.V, Us[0], biases[i])
+        else:
+            factorized_biases = [biases[i] for i in self.factorized] if bias is not None else None
+            for i, y in zip(self.factorized, ops.lowrank_linear_grouped(x, layer.V, Us, factorized_biases)):
+                outputs[i] = y
+        dense_bias = torch.cat([biases[i] for i in self.dense]) if bias is not None else None
+        for i, y in zip(self.dense, torch.nn.functional.linear(x, layer.weight, dense_bias).split(
+                [rows[i] for i in self.dense], dim=-1)):
+            outputs[i] = y
+        return torch.cat(outputs, dim=-1)

@@ -1,9 +1,11 @@
 """Rank allocation: the global budget is met, and rank goes where the truncation loss falls fastest."""
+import itertools
+
 import pytest
 import torch
 
 from conftest import tiny_model
-from lowrank_engine import allocation, pipeline
+from lowrank_engine import allocation, pipeline, solvers
 from lowrank_engine.models import block_linears, find_decoder_blocks
 from lowrank_engine.modules import LowRankLinear
 
@@ -67,6 +69,43 @@ def test_grouped_waterfill_shares_one_rank_and_is_optimal_between_groups():
             fits = sum(moved[t] * cost[t] for t in cost) <= budget
             if src != dst and chosen[src] > 1 and fits:
                 assert loss(moved) >= loss(chosen) - 1e-12
+
+
+def test_dense_types_are_chosen_where_they_lose_least_and_match_brute_force():
+    """allow_dense: every type either shares one rank or stays dense everywhere, the budget is met, and the
+    normalized loss equals the best over every dense subset and every rank vector (equal unit costs m+n = 60,
+    so the greedy fill is exact)."""
+    types = {"q": (30, 30), "v": (12, 48), "up": (45, 15)}
+    shapes = {f"b{i}.{t}": shape for i in range(2) for t, shape in types.items()}
+    groups = {name: name.split(".")[1] for name in shapes}
+    generator = torch.Generator().manual_seed(5)
+    # v's spectrum is flat: its factors at break-even still lose most of it, so storing it whole pays
+    spectra = {name: torch.sort(torch.rand(min(shape), generator=generator, dtype=torch.float64)
+                                ** (0.1 if ".v" in name else 6), descending=True).values
+               for name, shape in shapes.items()}
+    for ratio in (0.15, 0.3):
+        ranks = allocation.waterfill(spectra, shapes, ratio, groups=groups, allow_dense=True)
+        budget = allocation.kept_budget(shapes, ratio)
+        assert allocation.kept_parameters(ranks, shapes) <= budget
+        chosen = {}
+        for name, rank in ranks.items():
+            chosen.setdefault(groups[name], set()).add(rank)
+        assert all(len(r) == 1 for r in chosen.values())
+        chosen = {t: r.pop() for t, r in chosen.items()}
+
+        def loss(type_ranks):
+            return sum(0.0 if type_ranks[groups[name]] is None else
+                       float((spectra[name][type_ranks[groups[name]]:] ** 2).sum() / (spectra[name] ** 2).sum())
+                       for name in shapes)
+
+        options = {t: [None] + list(range(1, solvers.break_even_rank(*shape))) for t, shape in types.items()}
+        best = min(loss(candidate) for candidate in (dict(zip(types, combo)) for combo in
+                                                     itertools.product(*options.values()))
+                   if allocation.kept_parameters({n: candidate[groups[n]] for n in shapes}, shapes) <= budget)
+        assert loss(chosen) == pytest.approx(best, abs=1e-12)
+        assert chosen["v"] is None  # the case the option exists for
+        plain = allocation.waterfill(spectra, shapes, ratio, groups=groups)
+        assert None not in plain.values() and loss({groups[n]: r for n, r in plain.items()}) > loss(chosen)
 
 
 def test_last_layers_keeps_the_first_blocks_dense_and_meets_the_ratio():

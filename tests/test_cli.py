@@ -280,6 +280,7 @@ def test_info(capsys):
 
 
 @pytest.mark.parametrize("alloc", [["--rank-alloc", "waterfill"], ["--rank-alloc", "type-waterfill"],
+                                   ["--rank-alloc", "type-waterfill-dense"],
                                    ["--rank-alloc", "last-layers", "--last-layers", 1],
                                    ["--rank-alloc", "last-layers"]])
 def test_rank_allocations_meet_the_ratio(tiny_checkpoint, tmp_path, alloc):
@@ -294,13 +295,18 @@ def test_rank_allocations_meet_the_ratio(tiny_checkpoint, tmp_path, alloc):
         assert compressed == list(range(2 - len(compressed), 2))
         if "--last-layers" in alloc:
             assert compressed == [1]
-    else:
+    elif "type-waterfill-dense" not in alloc:
         assert len(set(cfg["ranks"].values())) > 2  # not uniform
-    if "type-waterfill" in alloc:  # one rank per matrix type, the same in every block
-        by_type = {}
+    if alloc[1].startswith("type-waterfill"):  # one rank per matrix type, the same in every block
+        by_block_and_type = {}
         for name, rank in cfg["ranks"].items():
-            by_type.setdefault(name.split(".layers.")[1].split(".", 1)[1], set()).add(rank)
-        assert len(by_type) == 7 and all(len(ranks) == 1 for ranks in by_type.values())
+            block, kind = name.split(".layers.")[1].split(".", 1)
+            by_block_and_type.setdefault(kind, {})[block] = rank
+        assert all(len(set(ranks.values())) == 1 for ranks in by_block_and_type.values())
+        # a type kept dense is dense in every block (absent from the ranks); plain type-waterfill keeps none
+        assert all(len(ranks) == 2 for ranks in by_block_and_type.values())
+        if alloc[1] == "type-waterfill":
+            assert len(by_block_and_type) == 7
 
 
 def test_refine_flags_reach_the_pipeline(tiny_checkpoint, tmp_path):

@@ -60,15 +60,24 @@ def run_serve(serve_python: str, args: list, timeout: int) -> subprocess.Complet
     return proc
 
 
+# projections the fixture keeps dense: vLLM fuses the first two with factorized ones (qkv_proj, gate_up_proj);
+# the third is a whole vLLM layer left to vLLM's own dense method
+DENSE_IN_FUSED = ["model.layers.1.self_attn.v_proj", "model.layers.2.mlp.up_proj"]
+DENSE_LAYER = "model.layers.3.self_attn.o_proj"
+
+
 @pytest.fixture(scope="session")
 def compressed_smollm2(tmp_path_factory) -> Path:
-    """SmolLM2-135M compressed by the CLI (plain SVD, ratio 0.2): q/k/v and gate/up get different ranks."""
+    """SmolLM2-135M compressed by the CLI (plain SVD, ratio 0.2): q/k/v and gate/up get different ranks, and
+    a rank map keeps three projections dense (DENSE_IN_FUSED, DENSE_LAYER)."""
     from lowrank_engine import cli
 
-    out = tmp_path_factory.mktemp("vllm") / "smollm2-svd-0.2"
+    root = tmp_path_factory.mktemp("vllm")
+    out = root / "smollm2-svd-0.2"
+    (root / "ranks.json").write_text(json.dumps({name: None for name in [*DENSE_IN_FUSED, DENSE_LAYER]}))
     argv = ["compress", "--model", "smollm2-135m", "--method", "svd", "--ratio", "0.2", "--calibration", "self",
             "--nsamples", "4", "--seqlen", "128", "--eval-sets", "", "--fidelity-samples", "0", "--quiet",
-            "--output", str(out)]
+            "--rank-map", str(root / "ranks.json"), "--output", str(out)]
     assert cli.main(argv) == 0
     return out
 
@@ -122,12 +131,16 @@ def test_vllm_offline_generation_matches_transformers(serve_python, compressed_s
     assert proc.returncode == 0, proc.log
     result = json.loads(out.read_text())
     assert "NONE" not in result["compilation_mode"], result["compilation_mode"]
-    # every block's four vLLM linears run the low-rank method (no silent dense fallback)
+    # every block's four vLLM linears run the low-rank method (no silent dense fallback), a fused layer with a
+    # dense projection too; only the one whole layer kept dense runs vLLM's dense method
     blocks = json.loads((compressed_smollm2 / "config.json").read_text())["num_hidden_layers"]
-    assert len(result["factorized_layers"]) == 4 * blocks, result["factorized_layers"]
+    assert len(result["factorized_layers"]) == 4 * blocks - 1, result["factorized_layers"]
+    assert not any(name.startswith(DENSE_LAYER) for name in result["factorized_layers"]), result["factorized_layers"]
 
     model = AutoModelForCausalLM.from_pretrained(compressed_smollm2, dtype=torch.float32).eval()
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "LowRankLinear"
+    for name in [*DENSE_IN_FUSED, DENSE_LAYER]:
+        assert type(model.get_submodule(name)) is torch.nn.Linear, name
     matches, divergences = 0, []
     for i, (ids, vllm_tokens) in enumerate(zip(prompts, result["tokens"])):
         hf_tokens, gaps = transformers_greedy(model, ids, MAX_TOKENS)
@@ -224,4 +237,4 @@ def test_factor_shape_mismatch_fails_clearly(serve_python, compressed_smollm2, t
         config["quantization_config"]["ranks"][name] -= 1
 
     log = load_fails(serve_python, variant(compressed_smollm2, tmp_path / "wrong-rank", wrong_rank))
-    assert f"config.json's quantization_config gives {name} rank {ranks[name] - 1}" in log, log[-6000:]
+    assert name in log and f"config.json's quantization_config gives it rank {ranks[name] - 1}" in log, log[-6000:]

@@ -7,7 +7,8 @@ factors, and run through the plugin's `apply`. Checked on each rank against vLLM
 loaded the same way from W = U Vᵀ: the factorized layer gives exactly the outputs (column-parallel) or
 partial sums (row-parallel) that vLLM expects of that rank, so attention and the all-reduce see the
 dense layout. Also checked: the ranks' column outputs gather to, and their row partials plus one bias
-sum to, the unsharded layer.
+sum to, the unsharded layer. Fused layers are checked all factorized and with a projection kept dense
+(its rows in the layer's `weight`).
 
 Prints one line per case and exits non-zero on the first failure.
 """
@@ -63,8 +64,18 @@ def build(make, rank: int, world: int, quant_config, weights: dict, shard_ids: d
     return layer
 
 
+def dense_weight(t: dict) -> torch.Tensor:
+    return t["weight"] if "weight" in t else t["U"] @ t["V"].T
+
+
 def dense_of(weights: dict) -> dict:
-    return {p: {"weight": t["U"] @ t["V"].T, "bias": t["bias"]} for p, t in weights.items()}
+    return {p: {"weight": dense_weight(t), "bias": t["bias"]} for p, t in weights.items()}
+
+
+def keep_dense(weights: dict, projections: tuple) -> dict:
+    """The same layer with `projections` stored whole (a fresh random W) instead of as factors."""
+    return {p: {"weight": torch.randn(t["U"].shape[0], t["V"].shape[0]) / t["V"].shape[0] ** 0.5, "bias": t["bias"]}
+            if p in projections else t for p, t in weights.items()}
 
 
 def check(label: str, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -82,7 +93,7 @@ def forward(layer, x, bias_on_this_rank=True):
 
 def column_case(label, make, weights, shard_ids, quant_config, world):
     x = torch.randn(5, HIDDEN)
-    full = {p: x @ t["V"] @ t["U"].T + (t["bias"] if t["bias"] is not None else 0) for p, t in weights.items()}
+    full = {p: x @ dense_weight(t).T + (t["bias"] if t["bias"] is not None else 0) for p, t in weights.items()}
     per_rank = []
     for rank in range(world):
         low = build(make, rank, world, quant_config, weights, shard_ids)
@@ -104,31 +115,37 @@ def main():
         heads = 8
         shapes = {"q_proj": heads * HEAD, "k_proj": kv_heads * HEAD, "v_proj": kv_heads * HEAD}
         ranks = {"q_proj": 12, "k_proj": 5, "v_proj": 7}  # different ranks per projection
-        weights = {p: factors(m, HIDDEN, ranks[p], bias=True) for p, m in shapes.items()}
-        config = LowRankConfig({f"{attn}.{p}": k for p, k in ranks.items()})
-        config.packed_modules_mapping = packed
+        factorized = {p: factors(m, HIDDEN, ranks[p], bias=True) for p, m in shapes.items()}
         make = lambda qc, kv=kv_heads: QKVParallelLinear(HIDDEN, HEAD, heads, kv, bias=True, quant_config=qc,
                                                          prefix=f"{attn}.qkv_proj")
         ids = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
-        for world in (1, WORLD):
-            full, per_rank = column_case(f"qkv_proj ({kv_heads} kv heads)", make, weights, ids, config, world)
-            q = torch.cat([r[0] for r in per_rank], dim=-1)
-            check(f"qkv_proj ({kv_heads} kv heads) q gathered over {world} ranks", q, full["q_proj"])
-            replicas = max(1, world // kv_heads)
-            for j, p in ((1, "k_proj"), (2, "v_proj")):
-                kv = torch.cat([per_rank[r][j] for r in range(0, world, replicas)], dim=-1)
-                check(f"qkv_proj ({kv_heads} kv heads) {p[0]} gathered over {world} ranks", kv, full[p])
+        for dense in ((), ("v_proj",), ("q_proj", "k_proj")):
+            weights = keep_dense(factorized, dense)
+            config = LowRankConfig({f"{attn}.{p}": k for p, k in ranks.items() if p not in dense})
+            config.packed_modules_mapping = packed
+            label = f"qkv_proj ({kv_heads} kv heads{', dense ' + '/'.join(dense) if dense else ''})"
+            for world in (1, WORLD):
+                full, per_rank = column_case(label, make, weights, ids, config, world)
+                q = torch.cat([r[0] for r in per_rank], dim=-1)
+                check(f"{label} q gathered over {world} ranks", q, full["q_proj"])
+                replicas = max(1, world // kv_heads)
+                for j, p in ((1, "k_proj"), (2, "v_proj")):
+                    kv = torch.cat([per_rank[r][j] for r in range(0, world, replicas)], dim=-1)
+                    check(f"{label} {p[0]} gathered over {world} ranks", kv, full[p])
 
     ranks = {"gate_proj": 20, "up_proj": 9}
-    weights = {p: factors(INTERMEDIATE, HIDDEN, k, bias=False) for p, k in ranks.items()}
-    config = LowRankConfig({f"{mlp}.{p}": k for p, k in ranks.items()})
-    config.packed_modules_mapping = packed
+    factorized = {p: factors(INTERMEDIATE, HIDDEN, k, bias=False) for p, k in ranks.items()}
     make = lambda qc: MergedColumnParallelLinear(HIDDEN, [INTERMEDIATE, INTERMEDIATE], bias=False, quant_config=qc,
                                                  prefix=f"{mlp}.gate_up_proj")
-    for world in (1, WORLD):
-        full, per_rank = column_case("gate_up_proj", make, weights, {"gate_proj": 0, "up_proj": 1}, config, world)
-        for j, p in enumerate(ranks):
-            check(f"gate_up_proj {p} gathered over {world} ranks", torch.cat([r[j] for r in per_rank], -1), full[p])
+    for dense in ((), ("up_proj",)):
+        weights = keep_dense(factorized, dense)
+        config = LowRankConfig({f"{mlp}.{p}": k for p, k in ranks.items() if p not in dense})
+        config.packed_modules_mapping = packed
+        label = f"gate_up_proj{' (dense up_proj)' if dense else ''}"
+        for world in (1, WORLD):
+            full, per_rank = column_case(label, make, weights, {"gate_proj": 0, "up_proj": 1}, config, world)
+            for j, p in enumerate(ranks):
+                check(f"{label} {p} gathered over {world} ranks", torch.cat([r[j] for r in per_rank], -1), full[p])
 
     weights = {"down_proj": factors(HIDDEN, INTERMEDIATE, 17, bias=True)}
     config = LowRankConfig({f"{mlp}.down_proj": 17})
