@@ -49,7 +49,7 @@ MODIFIERS = ("refine", "waterfill")
 # name every setting they change, so a label means the same composition whatever the preset holds now.
 ABLATION_RATIO = 0.4
 PER_WINDOW = "per-window steps, lr 1e-3"
-_BEST = job.preset_fields("best")
+_BEST = job.preset_fields("best", ABLATION_RATIO)
 _BEST_REFINE = f"{PER_WINDOW}, {_BEST['refine_passes']} passes"
 _BEST_DISTILL = f"{_BEST['distill_passes']} passes, lr {_BEST['distill_lr']:.0e}".replace("e-0", "e-")  # 1e-4
 _BEST_RANKS = _BEST["rank_alloc"]
@@ -370,7 +370,10 @@ def write_outputs(args, records: list) -> None:
           "peer_* columns: the published AA-SVD code on the same protocol, as the issue quotes it; its "
           "peer_compress_seconds come from another 2-core machine (the side-by-side table below times the peer's "
           "code on the engine's machine). saes:fixed = ACES fixed-subspace β. "
-          f"best = the `best` preset (svd-llm with {_BEST_RANKS} ranks, then refinement with one step per window "
+          f"best = the `best` preset (svd-llm with {_BEST_RANKS} ranks"
+          + "".join(f", {changes.get('rank_alloc')} from ratio {threshold}"
+                    for threshold, changes in job.PRESETS["best"].get("from_ratio", {}).items() if "rank_alloc" in changes)
+          + ", then refinement with one step per window "
           f"at lr 1e-3, {_BEST['refine_passes']} passes, then model distillation: {_BEST_DISTILL}); "
           "best@field=value rows are it with those settings changed (best@distill_passes=0: without "
           "distillation; best@method=aa-svd: started from aa-svd; best@rank_alloc=uniform: the same ratio in "

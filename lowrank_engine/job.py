@@ -120,18 +120,26 @@ class JobSpec(config.CompressionConfig):
 # Keeping whole types dense (type-waterfill-dense): at 0.2 type-waterfill left up/down at rank 381/388, where
 # a pair stores 91-93% of W and still loses the tail; keeping up, down, o and v dense and cutting q/k/gate to
 # 113/111/191 halves the normalized loss (3.68 against 6.49) and, after 6 refinement passes, took the
-# selection perplexity from 52.08 to 46.72 with 27% less refinement time (935 s against 1282 s).
+# selection perplexity from 52.08 to 46.72 with 27% less refinement time (935 s against 1282 s). Whole rows
+# (WikiText-2 / C4): 0.2 56.26 / 51.39 against 71.07 / 56.68, 0.4 105.73 / 74.93 against 111.30 / 75.50,
+# but 0.6 206.26 / 123.92 against 196.56 / 114.18 (there it only keeps v dense), so from 0.5 up `best` keeps
+# type-waterfill (from_ratio: the smallest ratio at which those settings replace the preset's).
 PRESETS = {
     "best": {"method": "svd-llm", "rank_alloc": "type-waterfill-dense", "refine": True,
              "tuning": {"refine_passes": 6, "refine_micro_batch": 1, "refine_lr": 1e-3,
-                        "distill_passes": 3, "distill_lr": 1e-4}},
+                        "distill_passes": 3, "distill_lr": 1e-4},
+             "from_ratio": {0.5: {"rank_alloc": "type-waterfill"}}},
 }
 
 
-def preset_fields(name: str) -> dict:
-    """The JobSpec fields a preset sets (its method included)."""
+def preset_fields(name: str, ratio: Optional[float] = None) -> dict:
+    """The JobSpec fields a preset sets (its method included), at `ratio` where the preset chooses by ratio."""
     preset = PRESETS[name]
-    return {**{k: v for k, v in preset.items() if k != "tuning"}, **preset.get("tuning", {})}
+    chosen = {**{k: v for k, v in preset.items() if k not in ("tuning", "from_ratio")}, **preset.get("tuning", {})}
+    for threshold, changes in sorted(preset.get("from_ratio", {}).items()):
+        if ratio is not None and ratio >= threshold:
+            chosen.update(changes)
+    return chosen
 
 
 def expand_preset(spec: JobSpec, explicit: Optional[set] = None) -> JobSpec:
@@ -142,7 +150,7 @@ def expand_preset(spec: JobSpec, explicit: Optional[set] = None) -> JobSpec:
         return spec
     if explicit is None:
         explicit = {f.name for f in fields(JobSpec) if getattr(spec, f.name) != config.field_default(f)}
-    filled = {k: v for k, v in preset_fields(spec.method).items() if k == "method" or k not in explicit}
+    filled = {k: v for k, v in preset_fields(spec.method, spec.ratio).items() if k == "method" or k not in explicit}
     return replace(spec, **filled, preset=spec.method)
 
 

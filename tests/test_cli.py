@@ -351,6 +351,17 @@ def test_a_preset_fills_refinement_settings_the_job_leaves_unset():
     assert given.refine_passes == job.PRESETS["best"]["tuning"]["refine_passes"]
 
 
+def test_a_preset_chooses_by_ratio_and_the_user_still_wins():
+    preset = job.PRESETS["best"]
+    (threshold, changes), = preset["from_ratio"].items()
+    below = job.expand_preset(job.JobSpec(model="m", method="best", ratio=threshold - 0.1))
+    above = job.expand_preset(job.JobSpec(model="m", method="best", ratio=threshold + 0.1))
+    assert below.rank_alloc == preset["rank_alloc"] != above.rank_alloc == changes["rank_alloc"]
+    given = job.expand_preset(job.JobSpec(model="m", method="best", ratio=threshold + 0.1, rank_alloc="uniform"),
+                              explicit={"method", "ratio", "rank_alloc"})
+    assert given.rank_alloc == "uniform"
+
+
 def test_the_cli_passes_the_settings_it_was_given_to_the_preset():
     args = cli.build_parser().parse_args(["compress", "--method", "best", "--refine-lr", "1e-4", "--quiet"])
     spec, explicit = cli.compress_spec(args)
