@@ -68,8 +68,9 @@ def waterfill(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int
             for dense in itertools.combinations(members, count):
                 rest = {group: u for group, u in units.items() if group not in dense}
                 filled = _fill(rest, budget - sum(units[group][3] for group in dense), min_rank)
-                if filled is not None and _loss(rest, filled) < best_loss:
-                    best_loss, ranks = _loss(rest, filled), {**filled, **{group: None for group in dense}}
+                loss = _loss(rest, filled) if filled is not None else math.inf
+                if loss < best_loss:
+                    best_loss, ranks = loss, {**filled, **{group: None for group in dense}}
     return {name: ranks[group] for group, names in members.items() for name in names}
 
 
