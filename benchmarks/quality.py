@@ -238,14 +238,21 @@ def run_configs(args, configs: list) -> list:
         label = base.replace(":", "-") + (f"{spec.refine_passes}" if spec.refine else "") + \
             (f"-distill{spec.distill_passes}" if spec.distill_passes else "") + "".join("@" + o for o in overrides)
         cache = os.path.join(args.runs_dir, f"{args.protocol}_{label}_{ratio}.json")
+        settings = job.settings(spec)  # a cached row is reused while the job it ran is this one
         if os.path.exists(cache):
             with open(cache) as f:
-                records.append(json.load(f))
-            continue
+                cached = json.load(f)
+            changed = job.changed_settings(cached.get("settings", {}), settings)
+            if not changed:
+                records.append(cached)
+                continue
+            print(f"[quality] {method} ratio {ratio}: the cached row ran with other settings "
+                  f"({', '.join(changed)}); running it again", flush=True)
         print(f"[quality] {method} ratio {ratio} ...", flush=True)
         start = time.time()
         record = run_child(method, spec, args.protocol)
         record["wall_seconds"] = round(time.time() - start, 1)
+        record["settings"] = settings
         with open(cache, "w") as f:
             json.dump(record, f)
         records.append(record)

@@ -112,6 +112,9 @@ class CompressionConfig:
     refine_warmup: float = setting(0.1, "fraction of steps with linear warm-up")
     refine_final_lr_ratio: float = setting(0.1, "final learning rate as a fraction of the peak", flag="--refine-final-lr")
     refine_clip: float = setting(1.0, "gradient-norm clip")
+    refine_dense_lr_ratio: float = setting(0.0, "the linears the rank allocation kept dense also train (refinement and "
+                                                "distillation), at this fraction of the learning rate; 0 = frozen",
+                                           flag="--refine-dense-lr")
     refine_tokens: Optional[int] = setting(None, "token budget per pass (default: every calibration token); keeps "
                                                  "refinement cheap on a CPU")
     refine_micro_batch: Optional[int] = setting(None, "calibration windows per optimizer step (default: --batch-size); "
@@ -140,11 +143,11 @@ class CompressionConfig:
         if (self.refine_passes < 0 or self.refine_lr <= 0 or not 0 <= self.refine_warmup < 1 or self.refine_clip <= 0
                 or (self.refine_micro_batch is not None and self.refine_micro_batch < 1)
                 or (self.refine_tokens is not None and self.refine_tokens < 1)
-                or self.distill_passes < 0 or self.distill_lr <= 0):
+                or self.distill_passes < 0 or self.distill_lr <= 0 or not self.refine_dense_lr_ratio >= 0):
             raise ValueError("bad refinement settings: " + ", ".join(
                 f"{n}={getattr(self, n)}" for n in ("refine_passes", "refine_lr", "refine_warmup", "refine_clip",
                                                     "refine_micro_batch", "refine_tokens", "distill_passes",
-                                                    "distill_lr")))
+                                                    "distill_lr", "refine_dense_lr_ratio")))
 
     def compression(self) -> "CompressionConfig":
         """The compression settings alone, as a plain CompressionConfig (of a job.JobSpec: what the pipeline runs)."""

@@ -84,12 +84,14 @@ def distill_model(student: nn.Module, teacher: nn.Module, input_ids: torch.Tenso
     if total == 0:
         return {"first_loss": float("nan"), "last_loss": float("nan"), "steps": 0, "seconds": 0.0}
 
-    params = refine.trainable_parameters(student)  # every block's factors and norms, and the final norm
+    blocks = models.find_decoder_blocks(student)[1]
+    groups = refine.parameter_groups(student, cfg, blocks)  # factors, norms (the final one too), kept dense linears
+    params = [p for group in groups for p in group["params"]]
     losses, step = [], 0
     bar = tqdm(total=total, desc="distill", unit="step", disable=not progress)
     with refine.trained_in_fp32(student, params), torch.enable_grad():
         refine.balance_factors(student)
-        optimizer = refine.adamw(refine.parameter_groups(student, cfg), cfg)
+        optimizer = refine.adamw(groups, cfg)
         for _ in range(cfg.distill_passes):
             pass_loss = 0.0
             for chosen in torch.randperm(input_ids.shape[0], generator=order).split(windows):

@@ -7,6 +7,7 @@ plus the job's own, each defined once with its help text, from which the CLI's f
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -158,6 +159,24 @@ def default_output(spec: JobSpec) -> str:
     name = os.path.basename(os.path.normpath(spec.model)) or "model"
     tag = f"r{spec.ratio}" if spec.ratio is not None else "rankmap"
     return os.path.join("lowrank-out", f"{name}-{spec.preset or spec.method}-{tag}")
+
+
+# where a job writes and what it may hold, not what it computes
+_WHERE_AND_HOW = ("output", "resume", "save", "progress", "plot", "offload", "max_memory")
+_EVALUATION = ("eval_sets", "eval_windows", "eval_seqlen", "fidelity_samples", "fidelity_seqlen", "track_error")
+
+
+def settings(spec: JobSpec, evaluation: bool = True) -> dict:
+    """The resolved job as JSON, for its record: what made a checkpoint, and whether a cached result is stale
+    (a preset changed, a default moved). Without `evaluation`: only what decides the compressed model."""
+    skip = _WHERE_AND_HOW + (() if evaluation else _EVALUATION)
+    chosen = {f.name: getattr(spec, f.name) for f in fields(JobSpec) if f.name not in skip}
+    return json.loads(json.dumps(chosen, sort_keys=True, default=str))
+
+
+def changed_settings(stored: dict, current: dict) -> list[str]:
+    """The names of `current`'s settings that `stored` lacks or holds with another value."""
+    return sorted(k for k in current if stored.get(k, object()) != current[k])
 
 
 def allocate_ranks(spec: JobSpec, path: str, source, input_ids) -> dict:
@@ -396,7 +415,7 @@ def compress(spec: JobSpec) -> Compressed:
               "model_params": models.count_parameters(model), "model_dense": dense_params,
               "compress_seconds": seconds, "peak_rss_mb": result.peak_rss_mb, "peak_gpu_mb": result.peak_gpu_mb,
               "stage_seconds": {**job_stages, **result.stage_seconds}, "track_error": spec.track_error,
-              "calibration": calib.describe(), "beta_search": spec.beta_search}
+              "calibration": calib.describe(), "beta_search": spec.beta_search, "settings": settings(spec)}
     record["compressible_reduction"] = 1 - record["compressible_params"] / dense_linears
     record["model_reduction"] = 1 - record["model_params"] / dense_params
     record["layer_errors"] = [(b.output_rel_mse, b.output_cosine_distance) for b in result.blocks]

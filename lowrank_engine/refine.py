@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lowrank_engine import distributed
+from lowrank_engine import distributed, models
 from lowrank_engine.config import CompressionConfig
 from lowrank_engine.modules import LowRankLinear
 from lowrank_engine.probe import slice_kwargs
@@ -24,7 +24,7 @@ from lowrank_engine.probe import slice_kwargs
 
 def factor_and_norm_parameters(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(the factors of every LowRankLinear, the weights of every norm). Norms are found by class name,
-    so any architecture's RMSNorm/LayerNorm qualifies; dense linears and attention internals stay frozen."""
+    so any architecture's RMSNorm/LayerNorm qualifies; attention internals stay frozen."""
     factors, norms = [], []
     for module in block.modules():
         if isinstance(module, LowRankLinear):
@@ -34,16 +34,26 @@ def factor_and_norm_parameters(block: nn.Module) -> tuple[list[nn.Parameter], li
     return factors, norms
 
 
-def trainable_parameters(block: nn.Module) -> list[nn.Parameter]:
-    factors, norms = factor_and_norm_parameters(block)
-    return factors + norms
+def kept_dense_parameters(blocks) -> list[nn.Parameter]:
+    """The weights and biases of the linears in `blocks` that the allocation kept dense."""
+    return [p for block in blocks for linear in models.block_linears(block).values()
+            if not isinstance(linear, LowRankLinear) for p in linear.parameters(recurse=False)]
 
 
-def parameter_groups(block: nn.Module, cfg: CompressionConfig) -> list[dict]:
-    """AdamW groups: the factors decay with `cfg.refine_weight_decay`, the norm weights not at all."""
-    factors, norms = factor_and_norm_parameters(block)
-    return [group for group in ({"params": factors, "weight_decay": cfg.refine_weight_decay},
-                                {"params": norms, "weight_decay": 0.0}) if group["params"]]
+def parameter_groups(module: nn.Module, cfg: CompressionConfig, blocks=None) -> list[dict]:
+    """AdamW groups: the factors decay with `cfg.refine_weight_decay`; the norm weights, and the dense linears
+    of `blocks` (default: `module` is one block) when `cfg.refine_dense_lr_ratio` trains them at that fraction
+    of the learning rate, not at all: decay would pull pretrained weights toward 0, not a prior worth having."""
+    factors, norms = factor_and_norm_parameters(module)
+    dense = kept_dense_parameters([module] if blocks is None else blocks) if cfg.refine_dense_lr_ratio > 0 else []
+    groups = ({"params": factors, "weight_decay": cfg.refine_weight_decay, "lr_scale": 1.0},
+              {"params": norms, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": dense, "weight_decay": 0.0, "lr_scale": cfg.refine_dense_lr_ratio})
+    return [group for group in groups if group["params"]]
+
+
+def trainable_parameters(module: nn.Module, cfg: CompressionConfig, blocks=None) -> list[nn.Parameter]:
+    return [p for group in parameter_groups(module, cfg, blocks) for p in group["params"]]
 
 
 def _float_kwargs(kwargs: dict) -> dict:
@@ -117,7 +127,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params: list, loss: torch.T
     """One clipped AdamW step at `lr` on `loss`; returns the loss. `average_over_ranks`: average the gradients
     of every process first (each took the step on its own windows)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # a plain parameter list trains at `lr`
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if average_over_ranks and distributed.active():
@@ -147,7 +157,7 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: C
     # (batch, window slice) per optimizer step: smaller steps give more updates for the same FLOPs
     steps = [(b, slice(s, s + (cfg.refine_micro_batch or inputs[b].shape[0])))
              for b in batches for s in range(0, inputs[b].shape[0], cfg.refine_micro_batch or inputs[b].shape[0])]
-    params = trainable_parameters(block)
+    params = trainable_parameters(block, cfg)
     factorized = any(isinstance(m, LowRankLinear) for m in block.modules())
     if not factorized or not steps or cfg.refine_passes == 0:  # a block kept dense is not tuned
         return {"first_loss": float("nan"), "last_loss": float("nan"), "steps": 0}

@@ -37,7 +37,7 @@ def test_distillation_lowers_the_kl_and_trains_only_factors_and_norms():
     ids = _ids()
     pipeline.compress_model(student, ids, CompressionConfig(method="svd-llm", ratio=0.5, batch_size=2), progress=False)
     frozen = {n: p.detach().clone() for n, p in student.named_parameters()
-              if not any(p is q for q in refine.trainable_parameters(student))}
+              if not any(p is q for q in refine.trainable_parameters(student, CompressionConfig()))}
     assert "model.embed_tokens.weight" in frozen and "model.norm.weight" not in frozen  # the final norm trains
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     before = _kl(teacher, student, ids)
@@ -49,6 +49,22 @@ def test_distillation_lowers_the_kl_and_trains_only_factors_and_norms():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
     assert all(p.grad is None and p.requires_grad == flags[n] for n, p in student.named_parameters())
+
+
+def test_distillation_trains_the_kept_dense_block_linears_when_asked_and_nothing_outside_the_blocks():
+    teacher = tiny_model("llama", layers=2)
+    student = copy.deepcopy(teacher)
+    ids = _ids()
+    keep = {"model.layers.0.mlp.down_proj": None, "model.layers.1.self_attn.v_proj": None}
+    pipeline.compress_model(student, ids, CompressionConfig(method="svd-llm", ratio=0.5, rank_map=keep, batch_size=2),
+                            progress=False)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    cfg = CompressionConfig(distill_passes=2, distill_lr=1e-3, refine_micro_batch=2, refine_dense_lr_ratio=0.5)
+    distill.distill_model(student, teacher, ids, cfg)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert {"model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.v_proj.weight"} <= changed
+    assert not any(n.startswith(("model.embed_tokens", "lm_head")) for n in changed)  # not block linears
+    assert not any("layers" in n and n.endswith("proj.weight") and n not in changed for n in before)
 
 
 def test_distillation_keeps_a_bf16_models_dtypes_and_zero_passes_change_nothing():
@@ -123,6 +139,29 @@ def test_the_checkpoint_holds_the_distilled_model_and_a_resume_distills_again(ti
     c, _ = checkpoint.load(str(resumed))
     for name, t in b.state_dict().items():
         torch.testing.assert_close(c.state_dict()[name], t, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trained_dense_linears_reach_the_checkpoint(tiny_checkpoint, tmp_path):
+    """Kept dense linears that refinement and distillation trained are saved as trained (not re-read from the
+    source checkpoint), and they load through transformers' quantizer as plain nn.Linear."""
+    rank_map = tmp_path / "ranks.json"
+    rank_map.write_text(json.dumps({"model.layers.0.mlp.down_proj": None, "model.layers.1.self_attn.v_proj": None}))
+    frozen, trained = tmp_path / "frozen", tmp_path / "trained"
+    common = ("--rank-map", rank_map, "--refine", "--refine-passes", 2, "--refine-lr", 1e-3, "--distill-passes", 1)
+    assert _compress(tiny_checkpoint, frozen, *common) == 0
+    assert _compress(tiny_checkpoint, trained, *common, "--refine-dense-lr", 0.5) == 0
+    a, _ = checkpoint.load(str(frozen))
+    b, _ = checkpoint.load(str(trained))
+    from transformers import AutoModelForCausalLM
+    source = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint / "model"))
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"):
+        kept, tuned = a.get_submodule(name), b.get_submodule(name)
+        assert not isinstance(tuned, LowRankLinear)
+        assert torch.equal(kept.weight, source.get_submodule(name).weight), name
+        assert not torch.equal(kept.weight, tuned.weight), name
+    loaded = AutoModelForCausalLM.from_pretrained(str(trained))
+    for name, t in b.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], t, msg=name)
 
 
 def test_a_distillation_that_cannot_fit_is_refused_before_any_work(tiny_checkpoint, tmp_path, capsys):

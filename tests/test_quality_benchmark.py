@@ -280,3 +280,26 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     starts = {line.split("|")[1].strip(): line for line in starts.splitlines() if line.startswith("| ")}
     assert set(starts) == {"method", three, aa_three}
     assert "| svd-llm |" in starts[three] and "| aa-svd |" in starts[aa_three] and "70.25" in starts[aa_three]
+
+def test_a_cached_row_is_reused_only_while_its_resolved_settings_hold(tmp_path, monkeypatch):
+    """The runs cache is keyed by the row's label; a row whose resolved job changed since (a preset's new
+    setting, here `best`'s tuning) runs again instead of being reused."""
+    quality = _quality()
+    args = _protocol_args(runs_dir=str(tmp_path), keep_checkpoints=None)
+    ran = []
+
+    def fake_child(label, spec, protocol):
+        ran.append((label, spec.refine_dense_lr_ratio))
+        return {"method": label, "ratio": spec.ratio, "wikitext2_ppl": 1.0, "c4_ppl": 1.0, "compress_seconds": 0.0}
+
+    monkeypatch.setattr(quality, "run_child", fake_child)
+    quality.run_configs(args, [("best", 0.4)])
+    quality.run_configs(args, [("best", 0.4)])
+    assert len(ran) == 1  # the second call reads the cache
+    tuning = job.PRESETS["best"]["tuning"]
+    changed = tuning.get("refine_dense_lr_ratio", 0.0) + 0.25
+    monkeypatch.setitem(job.PRESETS, "best", {**job.PRESETS["best"],
+                                              "tuning": {**tuning, "refine_dense_lr_ratio": changed}})
+    records = quality.run_configs(args, [("best", 0.4)])
+    assert ran[-1] == ("best", changed) and len(ran) == 2
+    assert records[0]["settings"]["refine_dense_lr_ratio"] == changed

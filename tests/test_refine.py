@@ -44,7 +44,7 @@ def test_only_factors_and_norms_train_and_dtype_is_kept():
     model = tiny_model("llama", layers=1).to(torch.bfloat16)
     block = model.model.layers[0]
     block.self_attn.q_proj = LowRankLinear.from_factors(torch.randn(48, 4), torch.randn(48, 4), dtype=torch.bfloat16)
-    params = refine.trainable_parameters(block)
+    params = refine.trainable_parameters(block, CompressionConfig())
     names = {n for n, p in block.named_parameters() if any(p is q for q in params)}
     assert names == {"self_attn.q_proj.U", "self_attn.q_proj.V", "input_layernorm.weight",
                      "post_attention_layernorm.weight"}
@@ -57,10 +57,53 @@ def test_only_factors_and_norms_train_and_dtype_is_kept():
     assert all(p.grad is None for p in model2.parameters())  # no fp32 gradients left on the model
 
 
+def test_kept_dense_linears_train_at_their_fraction_of_the_learning_rate():
+    """Adam's first step moves every entry by about its group's lr, whatever the gradient's scale: the factors
+    by lr, the kept dense linears by lr × refine_dense_lr_ratio, and nothing else in the block."""
+    model = tiny_model("llama", layers=1)
+    block = model.model.layers[0]
+    block.self_attn.q_proj = LowRankLinear.from_factors(torch.randn(48, 4) * 0.1, torch.randn(48, 4) * 0.1)
+    x = torch.randn(2, 7, 48)
+    kwargs = pipeline.capture_block_inputs(model, model.model.layers, _ids(n=2, t=7), 2, "cpu", [])[0][0]
+    for ratio in (0.0, 0.25):
+        cfg = CompressionConfig(refine_lr=1e-2, refine_dense_lr_ratio=ratio, refine_weight_decay=0.0)
+        params = refine.trainable_parameters(block, cfg)
+        names = {n for n, p in block.named_parameters() if any(p is q for q in params)}
+        dense = {f"{n}.weight" for n in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                         "mlp.up_proj", "mlp.down_proj")}
+        assert names == {"self_attn.q_proj.U", "self_attn.q_proj.V", "input_layernorm.weight",
+                         "post_attention_layernorm.weight"} | (dense if ratio else set())
+        before = {n: p.detach().clone() for n, p in block.named_parameters()}
+        with refine.trained_in_fp32(block, params), torch.enable_grad():
+            optimizer = refine.adamw(refine.parameter_groups(block, cfg), cfg)
+            loss = pipeline.run_block(block, x, kwargs, "cpu").square().mean()
+            refine.optimizer_step(optimizer, params, loss, cfg, lr=1e-2)
+        for name, p in block.named_parameters():
+            moved = float((p.detach() - before[name]).abs().max())
+            expected = 1e-2 * ratio if name in dense else 1e-2 if name in names else 0.0
+            assert moved == pytest.approx(expected, rel=1e-3, abs=1e-9), name
+
+
+def test_training_the_kept_dense_linears_lowers_the_refined_error():
+    keep = {f"model.layers.0.{n}": None for n in ("self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj")}
+    base = dict(method="svd-llm", ratio=0.6, rank_map=keep, batch_size=2, refine=True, refine_passes=4,
+                refine_lr=1e-3, refine_micro_batch=1)
+    frozen, trained = tiny_model("llama", layers=1), tiny_model("llama", layers=1)
+    dense_before = trained.model.layers[0].mlp.down_proj.weight.detach().clone()
+    a = pipeline.compress_model(frozen, _ids(), CompressionConfig(**base), progress=False)
+    b = pipeline.compress_model(trained, _ids(), CompressionConfig(**base, refine_dense_lr_ratio=0.3), progress=False)
+    assert torch.equal(frozen.model.layers[0].mlp.down_proj.weight, dense_before)
+    assert not torch.equal(trained.model.layers[0].mlp.down_proj.weight, dense_before)
+    assert b.blocks[0].refine["last_loss"] < a.blocks[0].refine["last_loss"]
+    assert all(p.grad is None and p.requires_grad for p in trained.parameters())
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="refinement"):
         pipeline.compress_model(tiny_model(), _ids(), pipeline.CompressionConfig(refine=True, refine_lr=-1.0),
                                 progress=False)
+    with pytest.raises(ValueError, match="refine_dense_lr_ratio=-0.1"):
+        CompressionConfig(refine_dense_lr_ratio=-0.1).validate()
     assert math.isfinite(refine.learning_rate(0, 1, CompressionConfig()))
 
 

@@ -1,4 +1,5 @@
 """benchmarks/zeroshot.py: its configurations and its table (the runs themselves take a CPU-hour)."""
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -63,6 +64,34 @@ def test_kept_checkpoints_save_the_rows_job_and_zeroshot_scores_that_job(tiny_ch
     record = job.run_job(tiny)
     assert "wikitext2_ppl" not in record and record["track_error"] is False
     assert checkpoint.load(spec.output)[1]["method"] == "svd-llm"
+
+
+def test_a_kept_checkpoint_of_another_job_is_refused_and_a_stale_score_is_redone(tiny_checkpoint, tmp_path,
+                                                                                  monkeypatch):
+    """The work directory is keyed by label; a checkpoint whose stored settings are not what the label resolves
+    to now (a preset changed) is refused, and a score made for other settings is scored again."""
+    zeroshot = _zeroshot()
+    args = zeroshot.parse_args(["--work-dir", str(tmp_path / "zs"), "--methods", "best", "--ratios", "0.2",
+                                "--limit", "2"])
+    spec = zeroshot.compression_job(argparse.Namespace(**{**vars(args), "method": "best", "ratio": 0.2}))
+    tiny = dataclasses.replace(spec, method="svd-llm", preset=None, refine=False, model=str(tiny_checkpoint / "model"),
+                               calibration=str(tiny_checkpoint / "calib.txt"), nsamples=4, seqlen=32, batch_size=2)
+    job.run_job(tiny)
+    with pytest.raises(SystemExit, match=r"other settings than best at 0.2 resolves to now \(.*preset.*refine.*\)"):
+        zeroshot.run_compressions(args)
+    # the same label resolving to the job that made the checkpoint: kept, and its old score is redone
+    monkeypatch.setattr(zeroshot, "compression_job", lambda a: dataclasses.replace(tiny, eval_sets=("wikitext2",)))
+    zeroshot.run_compressions(args)
+    os.makedirs(tmp_path / "zs" / "scores")
+    with open(zeroshot.score_file(args, "best", 0.2), "w") as f:
+        json.dump([{"method": "best", "ratio": 0.2, "task": "arc_easy", "acc": 0.0}], f)  # no settings: stale
+    scored = []
+    monkeypatch.setattr(zeroshot, "score_one", lambda a, m, r: scored.append(m) or [{"method": m, "task": "t"}])
+    zeroshot.run_scoring(args)
+    zeroshot.run_scoring(args)  # now current: not scored again
+    assert scored == ["best"]
+    saved = json.loads(open(zeroshot.score_file(args, "best", 0.2)).read())
+    assert saved[0]["settings"] == job.settings(tiny, evaluation=False)
 
 
 def test_zeroshot_average_is_over_every_task_and_relative_to_dense():
