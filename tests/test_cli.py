@@ -353,13 +353,21 @@ def test_a_preset_fills_refinement_settings_the_job_leaves_unset():
 
 def test_a_preset_chooses_by_ratio_and_the_user_still_wins():
     preset = job.PRESETS["best"]
-    (threshold, changes), = preset["from_ratio"].items()
-    below = job.expand_preset(job.JobSpec(model="m", method="best", ratio=threshold - 0.1))
-    above = job.expand_preset(job.JobSpec(model="m", method="best", ratio=threshold + 0.1))
-    assert below.rank_alloc == preset["rank_alloc"] != above.rank_alloc == changes["rank_alloc"]
+    base = {**{k: v for k, v in preset.items() if k not in ("tuning", "from_ratio")}, **preset["tuning"]}
+    thresholds = sorted(preset["from_ratio"])
+    for i, threshold in enumerate(thresholds):
+        below = job.expand_preset(job.JobSpec(model="m", method="best", ratio=threshold - 0.05))
+        above = job.expand_preset(job.JobSpec(model="m", method="best", ratio=threshold + 0.05))
+        wanted = dict(base)
+        for earlier in thresholds[:i + 1]:
+            wanted.update(preset["from_ratio"][earlier])
+        for name, value in preset["from_ratio"][threshold].items():
+            assert getattr(below, name) != value == getattr(above, name), (threshold, name)
+        assert all(getattr(above, name) == value for name, value in wanted.items() if name != "method")
+    threshold, changes = thresholds[-1], preset["from_ratio"][thresholds[-1]]
     given = job.expand_preset(job.JobSpec(model="m", method="best", ratio=threshold + 0.1, rank_alloc="uniform"),
                               explicit={"method", "ratio", "rank_alloc"})
-    assert given.rank_alloc == "uniform"
+    assert given.rank_alloc == "uniform" != changes["rank_alloc"]
 
 
 def test_the_cli_passes_the_settings_it_was_given_to_the_preset():
