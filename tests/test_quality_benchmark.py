@@ -35,7 +35,8 @@ def test_row_names_give_method_search_refinement_and_allocation():
     preset, row = job.PRESETS["best"], _row(quality, "best")
     assert (row.preset, row.method, row.refine, row.rank_alloc) == ("best", preset["method"], preset["refine"],
                                                                     preset["rank_alloc"])
-    assert {k: getattr(row, k) for k in preset["tuning"]} == preset["tuning"]
+    chosen = job.preset_fields("best", row.ratio)  # the tuning, with what the preset sets at this ratio
+    assert {k: getattr(row, k) for k in preset["tuning"]} == {k: chosen[k] for k in preset["tuning"]}
     assert (row.calibration, row.nsamples, row.seqlen, row.eval_sets) == ("c4", 64, 512, ("wikitext2", "c4", "c4-select"))
     with pytest.raises(ValueError, match="unknown modifier"):
         _row(quality, "svd-llm+finetune")
@@ -289,7 +290,7 @@ def test_a_cached_row_is_reused_only_while_its_resolved_settings_hold(tmp_path, 
     ran = []
 
     def fake_child(label, spec, protocol):
-        ran.append((label, spec.refine_dense_lr_ratio))
+        ran.append((label, spec.distill_lr))
         return {"method": label, "ratio": spec.ratio, "wikitext2_ppl": 1.0, "c4_ppl": 1.0, "compress_seconds": 0.0}
 
     monkeypatch.setattr(quality, "run_child", fake_child)
@@ -297,9 +298,8 @@ def test_a_cached_row_is_reused_only_while_its_resolved_settings_hold(tmp_path, 
     quality.run_configs(args, [("best", 0.4)])
     assert len(ran) == 1  # the second call reads the cache
     tuning = job.PRESETS["best"]["tuning"]
-    changed = tuning.get("refine_dense_lr_ratio", 0.0) + 0.25
-    monkeypatch.setitem(job.PRESETS, "best", {**job.PRESETS["best"],
-                                              "tuning": {**tuning, "refine_dense_lr_ratio": changed}})
+    changed = tuning["distill_lr"] * 3
+    monkeypatch.setitem(job.PRESETS, "best", {**job.PRESETS["best"], "tuning": {**tuning, "distill_lr": changed}})
     records = quality.run_configs(args, [("best", 0.4)])
     assert ran[-1] == ("best", changed) and len(ran) == 2
-    assert records[0]["settings"]["refine_dense_lr_ratio"] == changed
+    assert records[0]["settings"]["distill_lr"] == changed
