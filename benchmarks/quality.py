@@ -7,7 +7,8 @@ Every configuration runs in its own process, so its peak RSS is its own, through
 child reads it as JSON, so every setting the CLI has reaches the benchmark unchanged. The per-block
 error report stays on (the layer-error plot needs it) and its seconds count in compress_seconds, as
 they do for a user of the CLI. Finished configurations are cached in --runs-dir, so an interrupted
-benchmark resumes.
+benchmark resumes; a cached row whose resolved settings (job.settings) differ from what its label resolves
+to now, after a preset or a default changed, runs again.
 
     python benchmarks/quality.py                       # the full table
     python benchmarks/quality.py --quick               # minutes on 2 cores: 8 of 30 blocks (CI smoke test)
