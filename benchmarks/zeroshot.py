@@ -69,15 +69,15 @@ def wanted_settings(args, method: str, ratio: float) -> dict:
     return job.settings(spec, evaluation=False)
 
 
-def check_current(args, method: str, ratio: float) -> None:
-    """Refuse a cached checkpoint (made here, or by quality.py --keep-checkpoints) whose job is not the one
-    this label resolves to now: its scores would be another model's."""
+def check_current(args, method: str, ratio: float, wanted: dict) -> None:
+    """Refuse a cached checkpoint (made here, or by quality.py --keep-checkpoints) whose job is not `wanted`,
+    the one this label resolves to now: its scores would be another model's."""
     from lowrank_engine import job
 
     out = checkpoint_dir(args, method, ratio)
     with open(os.path.join(out, "results.json")) as f:
         stored = json.load(f)[0].get("settings", {})
-    changed = job.changed_settings(stored, wanted_settings(args, method, ratio))
+    changed = job.changed_settings(stored, wanted)
     if changed:
         raise SystemExit(f"zeroshot: {out} was compressed with other settings than {method} at {ratio} resolves to "
                          f"now ({', '.join(changed)}); remove it, or name it by a label that sets them")
@@ -86,9 +86,10 @@ def check_current(args, method: str, ratio: float) -> None:
 def run_compressions(args) -> None:
     for method, ratio in configs(args):
         out = checkpoint_dir(args, method, ratio)
-        if method != "dense" and os.path.exists(out):  # done here, or by quality.py --keep-checkpoints
-            check_current(args, method, ratio)
-        if method == "dense" or os.path.exists(out):
+        if method == "dense":
+            continue
+        if os.path.exists(out):  # done here, or by quality.py --keep-checkpoints
+            check_current(args, method, ratio, wanted_settings(args, method, ratio))
             continue
         print(f"compressing {method} {ratio}", flush=True)
         subprocess.run([sys.executable, os.path.abspath(__file__), "--compress-one", "--method", method,
@@ -126,21 +127,21 @@ def run_scoring(args) -> None:
     os.makedirs(os.path.join(args.work_dir, "scores"), exist_ok=True)
     for method, ratio in configs(args):
         path = score_file(args, method, ratio)
+        wanted = None if method == "dense" else wanted_settings(args, method, ratio)
         if os.path.exists(path):
             with open(path) as f:
-                scored = json.load(f)[0].get("settings")
-            if method == "dense" or scored == wanted_settings(args, method, ratio):
-                continue
+                if json.load(f)[0].get("settings") == wanted:  # dense: none stored, none wanted
+                    continue
         while method != "dense" and not os.path.exists(os.path.join(checkpoint_dir(args, method, ratio),
                                                                        "results.json")):
             time.sleep(30)  # `--phase compress` is still making it
         if method != "dense":
-            check_current(args, method, ratio)
+            check_current(args, method, ratio, wanted)
         print(f"scoring {method} {ratio}", flush=True)
         records = score_one(args, method, ratio)
         if method != "dense":
             for record in records:
-                record["settings"] = wanted_settings(args, method, ratio)
+                record["settings"] = wanted
         with open(path, "w") as f:
             json.dump(records, f, indent=1)
 
