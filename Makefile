@@ -28,7 +28,7 @@ $(STAMP): $(LOCK) pyproject.toml setup.py $(wildcard csrc/*)
 # best with 2 refinement passes and no distillation: the measured ~11 minutes on 2 cores (README, Quick start);
 # distillation on sampled calibration text was no better (top-1 0.5225 against 0.532) for 17 minutes
 quickstart: venv
-	$(BIN)/lowrank-engine compress --refine-passes 2 --distill-passes 0
+	$(BIN)/lowrank-engine compress --refine-passes 2 --distill-passes 0 --refine-dense-lr 0
 
 test: venv serve-venv
 	$(BIN)/python -m pytest -q tests

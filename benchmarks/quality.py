@@ -54,6 +54,7 @@ _BEST = job.preset_fields("best", ABLATION_RATIO)
 _BEST_REFINE = f"{PER_WINDOW}, {_BEST['refine_passes']} passes"
 _BEST_DISTILL = f"{_BEST['distill_passes']} passes, lr {_BEST['distill_lr']:.0e}".replace("e-0", "e-")  # 1e-4
 _BEST_RANKS = _BEST["rank_alloc"]
+_LOWEST = {"refine_dense_lr_ratio": 0.0, **job.preset_fields("best")}  # the preset below its first from_ratio
 _UNIFORM = "@rank_alloc=uniform"
 ABLATION = (
     ("svd-llm", "off", "uniform", "off", "off"),
@@ -378,11 +379,13 @@ def write_outputs(args, records: list) -> None:
           "peer_* columns: the published AA-SVD code on the same protocol, as the issue quotes it; its "
           "peer_compress_seconds come from another 2-core machine (the side-by-side table below times the peer's "
           "code on the engine's machine). saes:fixed = ACES fixed-subspace β. "
-          f"best = the `best` preset (svd-llm with {_BEST_RANKS} ranks"
-          + "".join(f", {changes.get('rank_alloc')} from ratio {threshold}"
-                    for threshold, changes in job.PRESETS["best"].get("from_ratio", {}).items() if "rank_alloc" in changes)
-          + ", then refinement with one step per window "
-          f"at lr 1e-3, {_BEST['refine_passes']} passes, then model distillation: {_BEST_DISTILL}); "
+          f"best = the `best` preset (svd-llm with {_LOWEST['rank_alloc']} ranks, then refinement with one step "
+          f"per window at lr 1e-3, {_LOWEST['refine_passes']} passes, then model distillation: "
+          f"{_LOWEST['distill_passes']} passes, kept dense matrices trained at "
+          f"{_LOWEST['refine_dense_lr_ratio']}× the lr"
+          + "".join(f"; from ratio {threshold}: " + ", ".join(f"{k} {v}" for k, v in changes.items())
+                    for threshold, changes in sorted(job.PRESETS["best"].get("from_ratio", {}).items()))
+          + "); "
           "best@field=value rows are it with those settings changed (best@distill_passes=0: without "
           "distillation; best@method=aa-svd: started from aa-svd; best@rank_alloc=uniform: the same ratio in "
           "every matrix; best@rank_alloc=type-waterfill: no type kept dense). "

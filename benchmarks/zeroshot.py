@@ -171,7 +171,8 @@ def write_table(args) -> None:
     with open(os.path.join(args.out_dir, "zeroshot.json"), "w") as f:
         json.dump(records, f, indent=1)
     limit = f"the first {args.limit} documents of each task" if args.limit else "every document"
-    cpu = records[0]["cpu"] if records else "?"
+    cpus = sorted({r["cpu"] for r in records}) or ["?"]
+    cpu = cpus[0] if len(cpus) == 1 else " and ".join(cpus) + " (each record in zeroshot.json names its own)"
     head = (f"# Zero-shot accuracy\n\nlm-eval {records[0]['lm_eval'] if records else '?'} (HF wrapper on the "
             f"in-memory model, stock task definitions, data from $LOWRANK_ENGINE_DATA/zeroshot), 0-shot, "
             f"{limit}. Compression on the DESIGN §4 protocol ({PROTOCOL}: SmolLM2-135M-Instruct fp32, C4 "
@@ -180,9 +181,10 @@ def write_table(args) -> None:
             f"`acc_norm` is `-` where the task defines none.\n\n"
             + (f"Not scored yet: {', '.join(missing)}.\n\n" if missing else ""))
     seconds = sorted({r["score_seconds"] for r in records if r.get("score_seconds") is not None})
+    threads = " or ".join(str(t) for t in sorted({r["threads"] for r in records if r.get("threads")})) or "?"
     if args.limit and seconds:
         head += (f"Why the limit: scoring one model took {seconds[0]:.0f}–{seconds[-1]:.0f} s at {args.limit} "
-                 f"documents per task on this CPU ({records[0]['threads']} thread(s), shared with other jobs)"
+                 f"documents per task on {'this CPU' if len(cpus) == 1 else 'these CPUs'} ({threads} thread(s), shared with other jobs)"
                  f"{full_sizes(args.tasks)}.\n\n")
     averages = average_accuracy(records, args.tasks.split(","))
     summary = ("\n## Average over the tasks\n\nmean_acc: the mean of `acc` over "

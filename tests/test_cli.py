@@ -331,7 +331,7 @@ def test_best_preset_composes_svd_llm_refinement_and_distillation(tiny_checkpoin
                                    "--refine-passes", 2, "--json", tmp_path / "r.json")) == 0
     record = json.loads((tmp_path / "r.json").read_text())[0]
     assert record["method"] == "best" and record["stage_seconds"]["refine"] > 0
-    passes = job.PRESETS["best"]["tuning"]["distill_passes"]
+    passes = job.preset_fields("best", 0.3)["distill_passes"]
     assert record["distill"]["steps"] == 4 * passes and record["stage_seconds"]["distill"] > 0  # a step per window
     assert record["compressible_reduction"] == pytest.approx(0.3, abs=0.03)
     _, cfg = checkpoint.load(str(out))

@@ -244,7 +244,7 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     from lowrank_engine import job
 
     quality = _quality()
-    tuning = job.PRESETS["best"]["tuning"]
+    tuning = job.preset_fields("best", quality.ABLATION_RATIO)
     rec = lambda m, ppl, **kw: {"method": m, "ratio": 0.4, "wikitext2_ppl": ppl, "c4_ppl": ppl / 2,  # noqa: E731
                                 "compress_seconds": 1.0, "protocol": quality.PROTOCOL, "device": "cpu", **kw}
     uniform = quality._UNIFORM  # the rows measured before `best` allocated ranks by type
