@@ -54,7 +54,7 @@ _BEST = job.preset_fields("best", ABLATION_RATIO)
 _BEST_REFINE = f"{PER_WINDOW}, {_BEST['refine_passes']} passes"
 _BEST_DISTILL = f"{_BEST['distill_passes']} passes, lr {_BEST['distill_lr']:.0e}".replace("e-0", "e-")  # 1e-4
 _BEST_RANKS = _BEST["rank_alloc"]
-_LOWEST = {"refine_dense_lr_ratio": 0.0, **job.preset_fields("best")}  # the preset below its first from_ratio
+_LOWEST = job.expand_preset(job.JobSpec(model="", method="best", ratio=None))  # below its first from_ratio
 _UNIFORM = "@rank_alloc=uniform"
 ABLATION = (
     ("svd-llm", "off", "uniform", "off", "off"),
@@ -379,10 +379,10 @@ def write_outputs(args, records: list) -> None:
           "peer_* columns: the published AA-SVD code on the same protocol, as the issue quotes it; its "
           "peer_compress_seconds come from another 2-core machine (the side-by-side table below times the peer's "
           "code on the engine's machine). saes:fixed = ACES fixed-subspace β. "
-          f"best = the `best` preset (svd-llm with {_LOWEST['rank_alloc']} ranks, then refinement with one step "
-          f"per window at lr 1e-3, {_LOWEST['refine_passes']} passes, then model distillation: "
-          f"{_LOWEST['distill_passes']} passes, kept dense matrices trained at "
-          f"{_LOWEST['refine_dense_lr_ratio']}× the lr"
+          f"best = the `best` preset (svd-llm with {_LOWEST.rank_alloc} ranks, then refinement with one step "
+          f"per window at lr 1e-3, {_LOWEST.refine_passes} passes, then model distillation: "
+          f"{_LOWEST.distill_passes} passes, kept dense matrices trained at "
+          f"{_LOWEST.refine_dense_lr_ratio}× the lr"
           + "".join(f"; from ratio {threshold}: " + ", ".join(f"{k} {v}" for k, v in changes.items())
                     for threshold, changes in sorted(job.PRESETS["best"].get("from_ratio", {}).items()))
           + "); "
