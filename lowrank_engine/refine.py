@@ -157,7 +157,8 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: C
     # (batch, window slice) per optimizer step: smaller steps give more updates for the same FLOPs
     steps = [(b, slice(s, s + (cfg.refine_micro_batch or inputs[b].shape[0])))
              for b in batches for s in range(0, inputs[b].shape[0], cfg.refine_micro_batch or inputs[b].shape[0])]
-    params = trainable_parameters(block, cfg)
+    groups = parameter_groups(block, cfg)
+    params = [p for group in groups for p in group["params"]]
     factorized = any(isinstance(m, LowRankLinear) for m in block.modules())
     if not factorized or not steps or cfg.refine_passes == 0:  # a block kept dense is not tuned
         return {"first_loss": float("nan"), "last_loss": float("nan"), "steps": 0}
@@ -166,7 +167,7 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: C
     step = 0
     with trained_in_fp32(block, params), torch.enable_grad():
         balance_factors(block)
-        optimizer = adamw(parameter_groups(block, cfg), cfg)
+        optimizer = adamw(groups, cfg)
         for _ in range(cfg.refine_passes):
             pass_loss = 0.0
             for b, part in steps:
