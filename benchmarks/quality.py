@@ -69,6 +69,9 @@ ABLATION = (
     ("best" + _UNIFORM, "off", "uniform", _BEST_REFINE, _BEST_DISTILL),
     ("best@rank_alloc=type-waterfill", "off", "type-waterfill", _BEST_REFINE, _BEST_DISTILL),
     ("best", "off", _BEST_RANKS, _BEST_REFINE, _BEST_DISTILL),
+    # the matrices the allocation keeps dense: the other choice than `best`'s at this ratio
+    (f"best@refine_dense_lr_ratio={0.1 if _BEST['refine_dense_lr_ratio'] == 0 else 0.0}", "off", _BEST_RANKS,
+     _BEST_REFINE, _BEST_DISTILL),
 )
 # the starts of refinement compared at each ratio on the selection windows (job.PRESETS["best"]'s method),
 # with 3 refinement passes, no distillation and uniform ranks
@@ -326,6 +329,15 @@ def error_report(record: dict) -> str | None:
     return "excluded" if record.get("error_tracking_seconds") else "on"
 
 
+def kept_dense(record: dict) -> str:
+    """What refinement did to the matrices the allocation kept dense ('-' where it keeps none)."""
+    settings = record.get("settings") or {}
+    if settings.get("rank_alloc") != "type-waterfill-dense":
+        return "-"
+    lr_ratio = settings.get("refine_dense_lr_ratio") or 0.0  # records from before the setting: frozen
+    return f"trained, {lr_ratio:g}× lr" if lr_ratio else "frozen"
+
+
 def ablation_rows(flat: list) -> list:
     """The ablation table's rows that were measured: +refine rows with the peer's 3 refinement passes, a
     preset's rows with the passes the preset or their label sets."""
@@ -351,6 +363,7 @@ def write_outputs(args, records: list) -> None:
         flat[-1]["selection_ppl"] = r.get(f"{data.SELECTION_SET}_ppl")
         flat[-1]["start"] = r.get("start")  # the closed form refinement started from (records since c4-select)
         flat[-1]["error_report"] = error_report(r)
+        flat[-1]["kept_dense"] = kept_dense(r)
         flat[-1]["code"] = "current" if "track_error" in r else "older"  # job.run_job records say track_error
         if "track_error" in r:  # the error report's share of compress_seconds (single-stream methods)
             flat[-1]["error_tracking_seconds"] = (r.get("stage_seconds") or {}).get("error_tracking")
@@ -411,11 +424,12 @@ def write_outputs(args, records: list) -> None:
                "Each ingredient of `best` on and off: the anchored objective (aa-svd's ‖WX − W'X'‖ against svd-llm's "
                "‖WX − W'X‖), rank allocation (uniform: the ratio in every matrix; type-waterfill: one rank per "
                "matrix type shared by every block, water-filled by the dense whitened spectra; type-waterfill-dense: "
-               "the same, where a whole type may also stay dense), block refinement (the published schedule, 3 passes, against `best`'s per-window steps, passes as the row says) and "
+               "the same, where a whole type may also stay dense; kept_dense: whether refinement and distillation also "
+               "train the matrices it keeps dense), block refinement (the published schedule, 3 passes, against `best`'s per-window steps, passes as the row says) and "
                "model distillation (KL to the dense model's next-token distribution on the calibration windows, "
                "after the last block). code: current = measured on the code of this table's latest rows; older = an "
                "earlier engine version, kept because it was not re-run.", "",
-               format_table(ablation, ("method", "anchored", "ranks", "refinement", "distillation", "selection_ppl",
+               format_table(ablation, ("method", "anchored", "ranks", "kept_dense", "refinement", "distillation", "selection_ppl",
                                        "wikitext2_ppl", "c4_ppl",
                                        "compress_seconds", "error_report", "code")
                             + (("device",) if len({r.get("device") for r in ablation}) > 1 else ()), markdown=True), ""]

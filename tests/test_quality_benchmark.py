@@ -261,6 +261,12 @@ def test_ablation_rows_have_their_own_table(tmp_path):
                rec(three, 205.0, refine_passes=3, track_error=True, start="svd-llm", **{"c4-select_ppl": 61.5}),
                rec(aa_three, 300.0, refine_passes=3, track_error=True, start="aa-svd", **{"c4-select_ppl": 70.25}),
                rec(one_pass, 160.0, refine_passes=1, track_error=True, start="svd-llm")]
+    toggle = quality.ABLATION[-1][0]  # the kept dense matrices the other way than `best` at this ratio
+    kept = {"rank_alloc": "type-waterfill-dense"}
+    records[1]["settings"] = {**kept, "refine_dense_lr_ratio": tuning["refine_dense_lr_ratio"]}
+    other = 0.1 if tuning["refine_dense_lr_ratio"] == 0 else 0.0
+    records.append(rec(toggle, 149.0, refine_passes=tuning["refine_passes"], track_error=True, start="svd-llm",
+                       settings={**kept, "refine_dense_lr_ratio": other}))
     args = _protocol_args(out_dir=str(tmp_path), protocol=quality.PROTOCOL, plot_methods="best")
     quality.write_outputs(args, records)
     md = (tmp_path / "quality.md").read_text()
@@ -271,13 +277,16 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     assert "older" in rows["aa-svd"] and "current" in rows["best"] and "per-window" in rows["best"]
     assert "55.50" in rows["best"] and "60.75" in rows[no_distill] and "61.50" in rows[three]
     cells = lambda row: [c.strip() for c in row.split("|")]  # noqa: E731
+    uniform_row = "best" + uniform
     assert cells(rows["best"])[3] == job.PRESETS["best"]["rank_alloc"] and cells(rows["best" + uniform])[3] == "uniform"
     assert "58.25" in rows["best" + uniform]
-    assert cells(rows["best"])[5] == quality._BEST_DISTILL
+    assert cells(rows["best"])[4] == ("frozen" if other else f"trained, {tuning['refine_dense_lr_ratio']:g}× lr")
+    assert cells(rows[toggle])[4] == ("trained, 0.1× lr" if other else "frozen") and cells(rows[uniform_row])[4] == "-"
+    assert cells(rows["best"])[6] == quality._BEST_DISTILL
     assert quality._BEST_DISTILL.startswith(f"{tuning['distill_passes']} passes, lr ")
-    assert cells(rows[no_distill])[5] == "off"
-    assert f"{tuning['refine_passes']} passes" in cells(rows["best"])[4] and "3 passes" in cells(rows[three])[4]
-    assert "1 pass" in cells(rows[one_pass])[4]  # a label that sets the passes
+    assert cells(rows[no_distill])[6] == "off"
+    assert f"{tuning['refine_passes']} passes" in cells(rows["best"])[5] and "3 passes" in cells(rows[three])[5]
+    assert "1 pass" in cells(rows[one_pass])[5]  # a label that sets the passes
     starts = {line.split("|")[1].strip(): line for line in starts.splitlines() if line.startswith("| ")}
     assert set(starts) == {"method", three, aa_three}
     assert "| svd-llm |" in starts[three] and "| aa-svd |" in starts[aa_three] and "70.25" in starts[aa_three]
