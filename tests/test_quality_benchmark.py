@@ -278,8 +278,8 @@ def test_ablation_rows_have_their_own_table(tmp_path):
     assert "55.50" in rows["best"] and "60.75" in rows[no_distill] and "61.50" in rows[three]
     cells = lambda row: [c.strip() for c in row.split("|")]  # noqa: E731
     uniform_row = "best" + uniform
-    assert cells(rows["best"])[3] == job.PRESETS["best"]["rank_alloc"] and cells(rows["best" + uniform])[3] == "uniform"
-    assert "58.25" in rows["best" + uniform]
+    assert cells(rows["best"])[3] == job.PRESETS["best"]["rank_alloc"] and cells(rows[uniform_row])[3] == "uniform"
+    assert "58.25" in rows[uniform_row]
     assert cells(rows["best"])[4] == ("frozen" if other else f"trained, {tuning['refine_dense_lr_ratio']:g}× lr")
     assert cells(rows[toggle])[4] == ("trained, 0.1× lr" if other else "frozen") and cells(rows[uniform_row])[4] == "-"
     assert cells(rows["best"])[6] == quality._BEST_DISTILL
