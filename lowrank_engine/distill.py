@@ -86,7 +86,7 @@ def distill_model(student: nn.Module, teacher: nn.Module, input_ids: torch.Tenso
 
     blocks = models.find_decoder_blocks(student)[1]
     groups = refine.parameter_groups(student, cfg, blocks)  # factors, norms (the final one too), kept dense linears
-    params = [p for group in groups for p in group["params"]]
+    params = refine.group_parameters(groups)
     losses, step = [], 0
     bar = tqdm(total=total, desc="distill", unit="step", disable=not progress)
     with refine.trained_in_fp32(student, params), torch.enable_grad():

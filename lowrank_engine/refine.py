@@ -52,8 +52,13 @@ def parameter_groups(module: nn.Module, cfg: CompressionConfig, blocks=None) -> 
     return [group for group in groups if group["params"]]
 
 
+def group_parameters(groups: list[dict]) -> list[nn.Parameter]:
+    """Every parameter of `groups` (from parameter_groups), in order: what gets gradients and is clipped."""
+    return [p for group in groups for p in group["params"]]
+
+
 def trainable_parameters(module: nn.Module, cfg: CompressionConfig, blocks=None) -> list[nn.Parameter]:
-    return [p for group in parameter_groups(module, cfg, blocks) for p in group["params"]]
+    return group_parameters(parameter_groups(module, cfg, blocks))
 
 
 def _float_kwargs(kwargs: dict) -> dict:
@@ -158,7 +163,7 @@ def refine_block(block: nn.Module, inputs, targets, kwargs: list, device, cfg: C
     steps = [(b, slice(s, s + (cfg.refine_micro_batch or inputs[b].shape[0])))
              for b in batches for s in range(0, inputs[b].shape[0], cfg.refine_micro_batch or inputs[b].shape[0])]
     groups = parameter_groups(block, cfg)
-    params = [p for group in groups for p in group["params"]]
+    params = group_parameters(groups)
     factorized = any(isinstance(m, LowRankLinear) for m in block.modules())
     if not factorized or not steps or cfg.refine_passes == 0:  # a block kept dense is not tuned
         return {"first_loss": float("nan"), "last_loss": float("nan"), "steps": 0}
