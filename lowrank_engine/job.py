@@ -122,14 +122,14 @@ class JobSpec(config.CompressionConfig):
 # a pair stores 91-93% of W and still loses the tail; keeping up, down, o and v dense and cutting q/k/gate to
 # 113/111/191 halves the normalized loss (3.68 against 6.49) and, after 6 refinement passes, took the
 # selection perplexity from 52.08 to 46.72 with 27% less refinement time (935 s against 1282 s). Whole rows
-# (WikiText-2 / C4): 0.2 56.26 / 51.39 against 71.07 / 56.68, 0.4 105.73 / 74.93 against 111.30 / 75.50,
-# but 0.6 206.26 / 123.92 against 196.56 / 114.18 (there it only keeps v dense), so from 0.5 up `best` keeps
-# type-waterfill (from_ratio: the smallest ratio at which those settings replace the preset's).
+# (WikiText-2 / C4, one Intel Xeon VM): 0.2 56.26 / 51.39 against 71.07 / 56.68, 0.4 105.73 / 74.93 against
+# 111.30 / 75.50, but 0.6 206.26 / 123.92 against 196.56 / 114.18 (there it only keeps v dense), so from 0.5 up
+# `best` keeps type-waterfill (from_ratio: the smallest ratio at which those settings replace the preset's).
 # Below 0.3 the matrices kept dense train too, at each stage's full learning rate (refine_dense_lr_ratio 1):
 # at 0.2, whole rows with 3 distillation passes (selection perplexity, WikiText-2 / C4): frozen 44.27,
 # 56.26 / 51.39; 0.3x lr 43.18, 54.09 / 49.86; 1x lr 42.71, 54.00 / 49.10 (0.1x lr with 5 passes: 43.78,
 # 55.05 / 50.65; 5 passes instead of 3 bought nothing in the probes). At 0.4, 0.1x lr gave 63.31 against
-# 63.25 frozen, so from 0.3 up they stay frozen.
+# 63.33 frozen (both on one AMD EPYC VM), so from 0.3 up they stay frozen.
 PRESETS = {
     "best": {"method": "svd-llm", "rank_alloc": "type-waterfill-dense", "refine": True,
              "tuning": {"refine_passes": 6, "refine_micro_batch": 1, "refine_lr": 1e-3,
