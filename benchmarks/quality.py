@@ -425,12 +425,13 @@ def write_outputs(args, records: list) -> None:
                "‖WX − W'X‖), rank allocation (uniform: the ratio in every matrix; type-waterfill: one rank per "
                "matrix type shared by every block, water-filled by the dense whitened spectra; type-waterfill-dense: "
                "the same, where a whole type may also stay dense; kept_dense: whether refinement and distillation also "
-               "train the matrices it keeps dense), block refinement (the published schedule, 3 passes, against `best`'s per-window steps, passes as the row says) and "
+               "train the matrices it keeps dense), block refinement (the published schedule, 3 passes, against "
+               "`best`'s per-window steps, passes as the row says) and "
                "model distillation (KL to the dense model's next-token distribution on the calibration windows, "
                "after the last block). code: current = measured on the code of this table's latest rows; older = an "
                "earlier engine version, kept because it was not re-run.", "",
-               format_table(ablation, ("method", "anchored", "ranks", "kept_dense", "refinement", "distillation", "selection_ppl",
-                                       "wikitext2_ppl", "c4_ppl",
+               format_table(ablation, ("method", "anchored", "ranks", "kept_dense", "refinement", "distillation",
+                                       "selection_ppl", "wikitext2_ppl", "c4_ppl",
                                        "compress_seconds", "error_report", "code")
                             + (("device",) if len({r.get("device") for r in ablation}) > 1 else ()), markdown=True), ""]
 
